@@ -1,0 +1,76 @@
+"""Where training metrics go: a tqdm bar, metrics.jsonl in the output dir, TensorBoard (tensorboardX,
+no TensorFlow) and wandb when asked. Only process 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from tqdm.auto import tqdm
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: str, logging_dir: str, report_to: str, total_steps: int, initial_step: int = 0,
+                 run_config: dict | None = None, enabled: bool = True, images_per_step: int = 1):
+        self.enabled = enabled
+        self.images_per_step = images_per_step
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not enabled)
+        self.jsonl = self.tensorboard = self.wandb = None
+        self._window = {}  # metric -> list of values since the last log line
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if report_to in ("tensorboard", "all"):
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, logging_dir))
+        if report_to in ("wandb", "all"):
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--report_to wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project="t2i_flax", config=run_config or {})
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Values of one finished step (host floats)."""
+        loss = metrics["loss"]
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}: lower --learning_rate or check the data")
+        for name, value in metrics.items():
+            self._window.setdefault(name, []).append(float(value))
+        self._window_steps += 1
+        self.bar.update(1)
+
+    def flush(self, step: int) -> dict | None:
+        """Averages the window, writes it everywhere, returns it."""
+        if not self._window_steps:
+            return None
+        elapsed = time.perf_counter() - self._window_start
+        averaged = {name: sum(values) / len(values) for name, values in self._window.items()}
+        averaged["images_per_second"] = self._window_steps * self.images_per_step / max(elapsed, 1e-9)
+        self._window, self._window_steps, self._window_start = {}, 0, time.perf_counter()
+        if self.enabled:
+            self.bar.set_postfix(loss=f"{averaged['loss']:.4f}", lr=f"{averaged['learning_rate']:.2e}",
+                                 img_s=f"{averaged['images_per_second']:.1f}")
+            self.jsonl.write(json.dumps({"step": step, **averaged}) + "\n")
+            self.jsonl.flush()
+            if self.tensorboard is not None:
+                for name, value in averaged.items():
+                    self.tensorboard.add_scalar(f"train/{name}", value, step)
+            if self.wandb is not None:
+                self.wandb.log({f"train/{k}": v for k, v in averaged.items()}, step=step)
+        return averaged
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,90 @@
+"""The training noise schedule (DDPM forward process), read from the model's scheduler_config.json.
+
+The documented Flax trainer hard-coded scaled_linear/epsilon; SD 2.x v-prediction models need the
+schedule and target from their own config."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Keys of DDPM/PNDM/DDIM/Euler... scheduler configs that only matter at inference.
+INFERENCE_ONLY_KEYS = {"clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps", "steps_offset",
+                       "timestep_spacing", "variance_type", "thresholding", "dynamic_thresholding_ratio",
+                       "sample_max_value", "interpolation_type", "use_karras_sigmas", "sigma_min", "sigma_max",
+                       "final_sigmas_type", "algorithm_type", "solver_order", "solver_type", "lower_order_final",
+                       "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "euler_at_final",
+                       "timestep_type", "lambda_min_clipped", "variance_type", "use_flow_sigmas", "flow_shift"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """alphas_cumprod[t] for t in [0, num_train_timesteps) and what the UNet is trained to predict."""
+    alphas_cumprod: np.ndarray  # float32 (T,)
+    prediction_type: str = "epsilon"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def add_noise(self, latents, noise, timesteps):
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, per sample (latents NCHW, timesteps (B,))."""
+        alpha, sigma = self._coefficients(timesteps, latents.ndim)
+        return (alpha * latents.astype(jnp.float32) + sigma * noise.astype(jnp.float32)).astype(latents.dtype)
+
+    def velocity(self, latents, noise, timesteps):
+        """v = sqrt(a_t) noise - sqrt(1 - a_t) x_0 (the v-prediction target)."""
+        alpha, sigma = self._coefficients(timesteps, latents.ndim)
+        return (alpha * noise.astype(jnp.float32) - sigma * latents.astype(jnp.float32)).astype(latents.dtype)
+
+    def target(self, latents, noise, timesteps):
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.velocity(latents, noise, timesteps)
+
+    def _coefficients(self, timesteps, ndim):
+        alphas_cumprod = jnp.asarray(self.alphas_cumprod)[timesteps]
+        shape = (-1,) + (1,) * (ndim - 1)
+        return jnp.sqrt(alphas_cumprod).reshape(shape), jnp.sqrt(1.0 - alphas_cumprod).reshape(shape)
+
+
+def betas_for(config: dict) -> np.ndarray:
+    steps = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float32)
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        return np.linspace(start, end, steps, dtype=np.float32)
+    if kind == "scaled_linear":  # linear in sqrt(beta), as the SD checkpoints were trained
+        return np.linspace(start ** 0.5, end ** 0.5, steps, dtype=np.float32) ** 2
+    if kind == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+        t = np.arange(steps, dtype=np.float64)
+        return np.minimum(1 - alpha_bar((t + 1) / steps) / alpha_bar(t / steps), 0.999).astype(np.float32)
+    raise ValueError(f"scheduler config beta_schedule={kind!r} is not supported "
+                     f"(use linear, scaled_linear or squaredcos_cap_v2)")
+
+
+def schedule_from_config(config: dict, prediction_type: str | None = None) -> NoiseSchedule:
+    """`prediction_type` (the --prediction_type flag) overrides the config's."""
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError("scheduler config rescale_betas_zero_snr=true is not supported by t2i_flax")
+    prediction = prediction_type or config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction!r} is not supported (use epsilon or v_prediction)")
+    alphas = 1.0 - betas_for(config)
+    return NoiseSchedule(np.cumprod(alphas, dtype=np.float32), prediction)
+
+
+def load_noise_schedule(model_dir: str, prediction_type: str | None = None) -> NoiseSchedule:
+    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir} has no scheduler/scheduler_config.json: is it a diffusers pipeline folder?")
+    with open(path) as handle:
+        return schedule_from_config(json.load(handle), prediction_type)

@@ -1,0 +1,57 @@
+"""Optimizer: clip_by_global_norm then AdamW (no decay on biases and norm scales), with the learning
+rate schedules diffusers names (`--lr_scheduler`), evaluated at the 0-based update count as torch's
+LambdaLR does (so with warmup the first update uses lr 0, as in the PyTorch script)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+POLYNOMIAL_END_LR = 1e-7
+
+
+def lr_multiplier(name: str, step, warmup_steps: int, total_steps: int, base_lr: float):
+    """The factor diffusers' get_scheduler(name) applies at update `step` (jnp scalar or int)."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if name == "constant":
+        return jnp.ones_like(step)
+    if name == "constant_with_warmup":
+        after = jnp.ones_like(step)
+    elif name == "linear":
+        after = jnp.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    elif name == "cosine":  # half a cosine wave, down to 0 at total_steps
+        after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress)))
+    elif name == "cosine_with_restarts":  # one cycle by default
+        after = jnp.where(progress >= 1.0, 0.0, jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * (progress % 1.0)))))
+    elif name == "polynomial":  # power 1, to POLYNOMIAL_END_LR
+        remaining = 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        decayed = ((base_lr - POLYNOMIAL_END_LR) * remaining + POLYNOMIAL_END_LR) / base_lr
+        after = jnp.where(step > total_steps, POLYNOMIAL_END_LR / base_lr, decayed)
+    else:
+        raise ValueError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULES)}")
+    return jnp.where(step < warmup_steps, warmup, after)
+
+
+def learning_rate_schedule(name: str, base_lr: float, warmup_steps: int, total_steps: int):
+    if name == "polynomial" and not base_lr > POLYNOMIAL_END_LR:
+        raise ValueError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}: --learning_rate must be larger")
+    lr_multiplier(name, 0, warmup_steps, total_steps, base_lr)  # validates the name
+    return lambda count: base_lr * lr_multiplier(name, count, warmup_steps, total_steps, base_lr)
+
+
+def weight_decay_mask(params):
+    """True where AdamW decays: kernels and embeddings, not biases or norm scales."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"),
+                                            params)
+
+
+def make_optimizer(schedule, beta1=0.9, beta2=0.999, weight_decay=1e-2, epsilon=1e-8, max_grad_norm=1.0):
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(schedule, b1=beta1, b2=beta2, eps=epsilon, weight_decay=weight_decay, mask=weight_decay_mask),
+    )

@@ -1,0 +1,147 @@
+"""The training job, top to bottom: mesh, model, input, state, step, loop, export."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_flax import data, export, hub, optim, sharding, step, tokenizer
+from t2i_flax.metrics import MetricsWriter
+from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+from t2i_flax.noise import schedule_from_config
+
+COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}
+SECRET_ARGS = ("hub_token",)
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def plan_steps(args, steps_per_epoch: int) -> tuple[int, int]:
+    """(max_train_steps, num_train_epochs) as the reference: --max_train_steps wins over epochs."""
+    if args.max_train_steps is None:
+        return args.num_train_epochs * steps_per_epoch, args.num_train_epochs
+    return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
+
+
+def load_models(args, model_dir: str, dtype):
+    common = dict(revision=None, variant=args.variant, dtype=dtype, attention=args.attention)
+    unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **common)
+    vae, vae_params = FlaxAutoencoderKL.from_pretrained(model_dir, subfolder="vae", **common)
+    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **common)
+    return (unet, unet_params), (vae, vae_params), (text_encoder, text_params)
+
+
+def run(args) -> None:
+    # ---- mesh -------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(args.fsdp)
+    devices = jax.device_count()
+    global_batch_size = args.train_batch_size * devices
+    host_batch_size = args.train_batch_size * jax.local_device_count()
+    learning_rate = args.learning_rate * global_batch_size if args.scale_lr else args.learning_rate
+    log(f"devices: {devices} x {jax.devices()[0].platform} (mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}), "
+        f"global batch {global_batch_size}")
+
+    # ---- model ------------------------------------------------------------------------------
+    if args.from_pt:
+        log("note: --from_pt is not needed: t2i_flax reads safetensors (PyTorch) weights directly")
+    model_dir = hub.resolve_model_dir(args.pretrained_model_name_or_path, revision=args.revision,
+                                      variant=args.variant, cache_dir=args.cache_dir)
+    scheduler_path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(scheduler_path):
+        raise ValueError(f"{model_dir} has no scheduler/scheduler_config.json: is it a diffusers pipeline folder?")
+    with open(scheduler_path) as handle:
+        scheduler_config = json.load(handle)
+    noise_schedule = schedule_from_config(scheduler_config, args.prediction_type)
+    dtype = COMPUTE_DTYPES[args.mixed_precision]
+    (unet, unet_params), (vae, vae_params), (text_encoder, text_params) = load_models(args, model_dir, dtype)
+    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_factor} for this VAE")
+    tokenizer_dir = os.path.join(model_dir, "tokenizer")
+    clip_tokenizer = tokenizer.load_tokenizer(tokenizer_dir)
+    log(f"model: {model_dir} (prediction_type {noise_schedule.prediction_type}, compute {jnp.dtype(dtype).name})")
+
+    # ---- input ------------------------------------------------------------------------------
+    loader = data.build_train_loader(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir, cache_dir=args.cache_dir, image_column=args.image_column,
+        caption_column=args.caption_column, max_train_samples=args.max_train_samples, resolution=args.resolution,
+        center_crop=args.center_crop, random_flip=args.random_flip, tokenizer=clip_tokenizer,
+        batch_size=host_batch_size, seed=args.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=args.dataloader_num_workers)
+    steps_per_epoch = loader.steps_per_epoch
+    if steps_per_epoch < 1:
+        raise ValueError(f"the dataset has {loader.num_examples} usable examples, fewer than one global batch "
+                         f"({global_batch_size}): lower --train_batch_size or use fewer devices")
+    max_train_steps, num_epochs = plan_steps(args, steps_per_epoch)
+    log(f"data: {loader.num_examples} examples, {steps_per_epoch} steps/epoch, {num_epochs} epochs, "
+        f"{max_train_steps} steps")
+
+    # ---- state and step ---------------------------------------------------------------------
+    schedule = optim.learning_rate_schedule(args.lr_scheduler, learning_rate, args.lr_warmup_steps, max_train_steps)
+    optimizer = optim.make_optimizer(schedule, args.adam_beta1, args.adam_beta2, args.adam_weight_decay,
+                                     args.adam_epsilon, args.max_grad_norm)
+    step_config = step.StepConfig(unet=unet, vae=vae, text_encoder=text_encoder, noise_schedule=noise_schedule,
+                                  optimizer=optimizer, learning_rate=schedule, use_ema=args.use_ema,
+                                  ema_decay=args.ema_decay, noise_offset=args.noise_offset)
+    state, state_sharding = step.create_state(step_config, mesh, unet_params, args.seed)
+    del unet_params
+    # Frozen models run in the compute dtype, as the PyTorch script casts them.
+    frozen = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), {"vae": vae_params,
+                                                                          "text_encoder": text_params})
+    frozen_sharding = sharding.tree_shardings(mesh, frozen)
+    frozen = jax.device_put(frozen, frozen_sharding)
+    del vae_params, text_params
+    train_step = step.compile_train_step(step_config, mesh, state_sharding, frozen_sharding)
+
+    # ---- loop -------------------------------------------------------------------------------
+    run_config = {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w") as handle:
+            json.dump(run_config, handle, indent=2, sort_keys=True)
+    writer = MetricsWriter(args.output_dir, args.logging_dir, args.report_to, max_train_steps,
+                           run_config=run_config, enabled=is_main, images_per_step=global_batch_size)
+    batches = iter(loader)
+    pending = None  # metrics of the step in flight: read one step late so dispatch never waits on them
+    try:
+        for step_index in range(max_train_steps):
+            batch = sharding.global_batch(mesh, next(batches))
+            state, metrics = train_step(state, frozen, batch)
+            if pending is not None:
+                _record(writer, step_index, pending, args.log_every)
+            pending = metrics
+        if pending is not None:
+            _record(writer, max_train_steps, pending, 1)
+    finally:
+        writer.close()
+    log(f"stats: {loader.describe_stats()}")
+
+    # ---- export -----------------------------------------------------------------------------
+    trained = state.ema_params if args.use_ema else state.params
+    trained = jax.tree_util.tree_map(np.asarray, jax.device_get(trained))
+    if is_main:
+        _, vae_params = FlaxAutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant=args.variant)
+        _, text_params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=args.variant)
+        export.export_pipeline(args.output_dir, {"unet": (unet, trained), "vae": (vae, vae_params),
+                                                 "text_encoder": (text_encoder, text_params)},
+                               scheduler_config, noise_schedule.prediction_type, tokenizer_dir)
+        log(f"saved the {'EMA ' if args.use_ema else ''}fine-tuned pipeline to {os.path.abspath(args.output_dir)}")
+        if args.push_to_hub:
+            repo_id = export.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+            log(f"pushed to the Hub: {repo_id}")
+
+
+def _record(writer: MetricsWriter, finished_steps: int, metrics, log_every: int) -> None:
+    values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    writer.add(finished_steps, values)
+    if finished_steps % log_every == 0:
+        writer.flush(finished_steps)
