@@ -124,6 +124,18 @@ def _describe(names, limit=8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _add_missing_top_prefix(state_dict: Mapping[str, np.ndarray], targets: Mapping) -> Mapping[str, np.ndarray]:
+    """transformers 5 saves CLIPTextModel keys without the `text_model.` prefix that 4.x wrote (and that our
+    tree has, as the legacy Flax class had): when the tree has one top module and no key starts with it, add it."""
+    tops = {path[0] for path in targets}
+    if len(tops) != 1:
+        return state_dict
+    prefix = next(iter(tops)) + "."
+    if any(key.startswith(prefix) for key in state_dict):
+        return state_dict
+    return {prefix + key: value for key, value in state_dict.items()}
+
+
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping,
                          dtype=np.float32, source: str = "weights") -> dict:
     """PyTorch-named tensors -> our parameter tree, checked against `abstract_params` (shapes)."""
@@ -132,6 +144,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: 
     for path in targets:
         leaves_by_module.setdefault(path[:-1], set()).add(path[-1])
 
+    state_dict = _add_missing_top_prefix(state_dict, targets)
     found: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, wrong_shape = [], []
     for key, tensor in state_dict.items():

@@ -1,0 +1,81 @@
+"""Command-line refusals and bad values: one line on stderr, exit code 2, nothing written."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from t2i_flax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_args(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    return ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--train_data_dir", str(data),
+            "--output_dir", str(tmp_path / "out")]
+
+
+REFUSED = [
+    (["--gradient_checkpointing"], "has no gradient checkpointing"),
+    (["--gradient_accumulation_steps", "4"], "has no gradient accumulation"),
+    (["--enable_xformers_memory_efficient_attention"], "--attention cudnn"),
+    (["--snr_gamma", "5.0"], "Min-SNR weighting is only in the PyTorch script"),
+    (["--checkpointing_steps", "500"], "not in this version"),
+    (["--validation_prompts", "a cat"], "not in this version"),
+    (["--mixed_precision", "fp16"], "use --mixed_precision bf16"),
+    (["--mixed_precision", "fp8"], "'fp8' is not one of: no, bf16"),
+    (["--lr_scheduler", "cosine_warm"], "'cosine_warm' is not one of: constant"),
+    (["--resolution", "500"], "multiple of 8"),
+    (["--resolution", "0"], "--resolution must be positive"),
+    (["--train_batch_size", "0"], "--train_batch_size must be positive"),
+    (["--learning_rate", "-1"], "--learning_rate must be >= 0"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1)"),
+    (["--prediction_type", "sample"], "'sample' is not one of: epsilon, v_prediction"),
+    (["--report_to", "comet"], "'comet' is not one of"),
+    (["--report_to", "wandb", "--hub_token", "secret"], "log in with `hf auth login`"),
+    (["--attention", "flash"], "'flash' is not one of: xla, cudnn"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("extra,message", REFUSED)
+def test_refusals_are_one_line_with_exit_2(tmp_path, capsys, extra, message):
+    assert cli.main(base_args(tmp_path) + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_source_is_required_once(tmp_path, capsys):
+    args = base_args(tmp_path)
+    assert cli.main(args + ["--dataset_name", "x"]) == 2
+    assert "exactly one of --dataset_name or --train_data_dir" in capsys.readouterr().err
+    assert cli.main(args[:2] + ["--train_data_dir", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_missing_model_folder_through_the_script(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_text_to_image_flax.py"), *base_args(tmp_path),
+                             "--cpu_devices", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_documented_flags_are_accepted():
+    parser = cli.build_parser()
+    args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    defaults = {"revision": None, "variant": None, "from_pt": False, "dataset_config_name": None,
+                "image_column": "image", "caption_column": "text", "max_train_samples": None,
+                "output_dir": "sd-model-finetuned", "cache_dir": None, "seed": 0, "resolution": 512,
+                "center_crop": False, "random_flip": False, "train_batch_size": 16, "num_train_epochs": 100,
+                "max_train_steps": None, "learning_rate": 1e-4, "scale_lr": False, "lr_scheduler": "constant",
+                "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8,
+                "max_grad_norm": 1.0, "push_to_hub": False, "hub_token": None, "hub_model_id": None,
+                "logging_dir": "logs", "report_to": "tensorboard", "mixed_precision": "no", "local_rank": -1,
+                "use_ema": False, "lr_warmup_steps": 500, "prediction_type": None, "noise_offset": 0.0,
+                "dataloader_num_workers": 0}
+    assert {name: getattr(args, name) for name in defaults} == defaults
