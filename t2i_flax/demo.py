@@ -51,7 +51,7 @@ def write_tiny_pipeline(folder: str, seed: int = 0, prediction_type: str = "epsi
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="demo_output")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--images", type=int, default=64)
     options = parser.parse_args(argv)
 

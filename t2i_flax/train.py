@@ -70,11 +70,11 @@ def run(args) -> None:
 
     # ---- input ------------------------------------------------------------------------------
     loader = data.build_train_loader(
+        clip_tokenizer, host_batch_size=host_batch_size, resolution=args.resolution,
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, cache_dir=args.cache_dir, image_column=args.image_column,
-        caption_column=args.caption_column, max_train_samples=args.max_train_samples, resolution=args.resolution,
-        center_crop=args.center_crop, random_flip=args.random_flip, tokenizer=clip_tokenizer,
-        batch_size=host_batch_size, seed=args.seed, process_index=jax.process_index(),
+        caption_column=args.caption_column, center_crop=args.center_crop, random_flip=args.random_flip,
+        max_train_samples=args.max_train_samples, seed=args.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=args.dataloader_num_workers)
     steps_per_epoch = loader.steps_per_epoch
     if steps_per_epoch < 1:
@@ -110,7 +110,7 @@ def run(args) -> None:
             json.dump(run_config, handle, indent=2, sort_keys=True)
     writer = MetricsWriter(args.output_dir, args.logging_dir, args.report_to, max_train_steps,
                            run_config=run_config, enabled=is_main, images_per_step=global_batch_size)
-    batches = iter(loader)
+    batches = loader.iterator()
     pending = None  # metrics of the step in flight: read one step late so dispatch never waits on them
     try:
         for step_index in range(max_train_steps):
@@ -123,7 +123,7 @@ def run(args) -> None:
             _record(writer, max_train_steps, pending, 1)
     finally:
         writer.close()
-    log(f"stats: {loader.describe_stats()}")
+        batches.close()
 
     # ---- export -----------------------------------------------------------------------------
     trained = state.ema_params if args.use_ema else state.params

@@ -1,0 +1,545 @@
+"""Stable Diffusion 1.x / 2.x conditional UNet in flax.linen, numerically equal to diffusers'
+PyTorch ``UNet2DConditionModel`` (diffusers 0.42) and parameter-compatible with the legacy diffusers
+Flax checkpoints (``diffusion_flax_model.msgpack``).
+
+API: NCHW in and out (as diffusers); convolutions run NHWC inside.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax.numpy as jnp
+
+from t2i_flax.models.attention import FlaxTransformer2DModel
+from t2i_flax.models.base import PretrainedMixin
+from t2i_flax.models.resnet import FlaxDownsample2D, FlaxResnetBlock2D, FlaxUpsample2D
+
+# Keys written by diffusers' EMAModel.save_pretrained into an EMA UNet's config.json: bookkeeping of
+# the averaging, no influence on the network. diffusers ignores them too.
+EMA_CONFIG_KEYS = frozenset(
+    {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
+)
+
+
+def check_config(class_name: str, config: dict, supported: Sequence[str], off: dict[str, Any],
+                 ignored: frozenset = frozenset()) -> dict:
+    """Split a diffusers config dict into constructor kwargs; raise ValueError on anything unsupported.
+
+    ``supported``: keys that become module fields. ``off``: key -> predicate(value) or the tuple of
+    values that mean "feature off / default" (accepted, not stored). ``ignored``: keys without effect
+    on the network. Keys starting with ``_`` (``_class_name``, ``_diffusers_version``...) are skipped.
+    """
+    kwargs = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key in supported:
+            kwargs[key] = value
+        elif key in off:
+            allowed = off[key]
+            ok = allowed(value) if callable(allowed) else value in allowed
+            if not ok:
+                raise ValueError(
+                    f"{class_name} config {key}={value!r} is not supported by t2i_flax "
+                    f"(only {key} in {allowed!r} is); this model is not supported"
+                    if not callable(allowed)
+                    else f"{class_name} config {key}={value!r} is not supported by t2i_flax; this model is not supported"
+                )
+        elif key in ignored:
+            continue
+        else:
+            raise ValueError(
+                f"{class_name} config has unknown key {key!r} (value {value!r}); this model is not supported by t2i_flax"
+            )
+    return kwargs
+
+
+def _tuple(value):
+    """JSON lists -> tuples (hashable module fields); nested lists too; scalars unchanged."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuple(v) for v in value)
+    return value
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _per_block(value, n: int, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNet2DConditionModel config {name}={list(value)!r} must have one entry per block ({n})")
+        return tuple(value)
+    return (value,) * n
+
+
+def _depth(transformer_layers, layer: int) -> int:
+    """Transformer depth of resnet/attention pair ``layer``: an int for the block or one per layer."""
+    return transformer_layers[layer] if isinstance(transformer_layers, (list, tuple)) else transformer_layers
+
+
+def broadcast_timesteps(timesteps, batch: int):
+    """A python int/float, numpy or jax array, 0-d or 1-d of length 1 or ``batch`` -> jax array (batch,)."""
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
+        raise ValueError(f"timesteps of shape {timesteps.shape} do not match a batch of {batch}")
+    return jnp.broadcast_to(timesteps.reshape(-1), (batch,))
+
+
+def get_timestep_embedding(timesteps, embedding_dim: int, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1.0, max_period: int = 10000):
+    """Sinusoidal timestep embedding (B,) -> (B, embedding_dim), float32, as diffusers' ``Timesteps``."""
+    half_dim = embedding_dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half_dim, dtype=jnp.float32) / (half_dim - downscale_freq_shift)
+    emb = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([jnp.cos(emb), jnp.sin(emb)], axis=-1)
+    else:
+        emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class FlaxTimestepEmbedding(nn.Module):
+    """``linear_1`` -> SiLU -> ``linear_2``."""
+
+    time_embed_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, temb):
+        temb = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(temb)
+        temb = nn.silu(temb)
+        return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(temb)
+
+
+class _UNetBlock(nn.Module):
+    """Fields and sub-module factories shared by the UNet blocks (NHWC)."""
+
+    out_channels: int = 0
+    num_layers: int = 1
+    dropout: float = 0.0
+    resnet_groups: int = 32
+    resnet_eps: float = 1e-5
+    # cross-attention blocks only
+    num_attention_heads: int = 8
+    transformer_layers: Any = 1  # int, or one int per layer
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    attention: str | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    def resnet(self, name, output_scale_factor=1.0):
+        return FlaxResnetBlock2D(
+            out_channels=self.out_channels, temb_channels=1, groups=self.resnet_groups, eps=self.resnet_eps,
+            dropout=self.dropout, output_scale_factor=output_scale_factor, dtype=self.dtype, name=name,
+        )
+
+    def transformer(self, layer: int, name: str):
+        # the UNet's transformers run without dropout (diffusers does not pass the config's dropout)
+        return FlaxTransformer2DModel(
+            in_channels=self.out_channels,
+            n_heads=self.num_attention_heads,
+            d_head=self.out_channels // self.num_attention_heads,
+            depth=_depth(self.transformer_layers, layer),
+            use_linear_projection=self.use_linear_projection,
+            only_cross_attention=self.only_cross_attention,
+            upcast_attention=self.upcast_attention,
+            norm_num_groups=self.resnet_groups,
+            attention=self.attention,
+            dtype=self.dtype,
+            name=name,
+        )
+
+
+class FlaxDownBlock2D(_UNetBlock):
+    """``resnets_N`` (+ ``downsamplers_0``); returns (hidden, skip states)."""
+
+    add_downsample: bool = True
+    downsample_padding: int = 1
+
+    @nn.compact
+    def __call__(self, hidden_states, temb, deterministic: bool = True):
+        output_states = ()
+        for i in range(self.num_layers):
+            hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
+            output_states += (hidden_states,)
+        if self.add_downsample:
+            hidden_states = FlaxDownsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
+                                             name="downsamplers_0")(hidden_states)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class FlaxCrossAttnDownBlock2D(FlaxDownBlock2D):
+    """``resnets_N`` / ``attentions_N`` pairs (+ ``downsamplers_0``)."""
+
+    @nn.compact
+    def __call__(self, hidden_states, temb, encoder_hidden_states, deterministic: bool = True):
+        output_states = ()
+        for i in range(self.num_layers):
+            hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
+            hidden_states = self.transformer(i, f"attentions_{i}")(hidden_states, encoder_hidden_states,
+                                                                   deterministic=deterministic)
+            output_states += (hidden_states,)
+        if self.add_downsample:
+            hidden_states = FlaxDownsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
+                                             name="downsamplers_0")(hidden_states)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class FlaxUNetMidBlock2DCrossAttn(_UNetBlock):
+    """``resnets_0``, then (``attentions_i``, ``resnets_{i+1}``) for each layer."""
+
+    output_scale_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, hidden_states, temb, encoder_hidden_states, deterministic: bool = True):
+        hidden_states = self.resnet("resnets_0", self.output_scale_factor)(hidden_states, temb,
+                                                                           deterministic=deterministic)
+        for i in range(self.num_layers):
+            hidden_states = self.transformer(i, f"attentions_{i}")(hidden_states, encoder_hidden_states,
+                                                                   deterministic=deterministic)
+            hidden_states = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(
+                hidden_states, temb, deterministic=deterministic)
+        return hidden_states
+
+
+class FlaxUpBlock2D(_UNetBlock):
+    """``resnets_N`` over [hidden, skip] concatenations (+ ``upsamplers_0``)."""
+
+    add_upsample: bool = True
+
+    @nn.compact
+    def __call__(self, hidden_states, res_hidden_states_tuple, temb, upsample_size=None,
+                 deterministic: bool = True):
+        for i in range(self.num_layers):
+            res_hidden_states, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
+            hidden_states = jnp.concatenate([hidden_states, res_hidden_states], axis=-1)
+            hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
+        if self.add_upsample:
+            hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
+                hidden_states, upsample_size)
+        return hidden_states
+
+
+class FlaxCrossAttnUpBlock2D(FlaxUpBlock2D):
+    """``resnets_N`` / ``attentions_N`` pairs over [hidden, skip] concatenations (+ ``upsamplers_0``)."""
+
+    @nn.compact
+    def __call__(self, hidden_states, res_hidden_states_tuple, temb, encoder_hidden_states, upsample_size=None,
+                 deterministic: bool = True):
+        for i in range(self.num_layers):
+            res_hidden_states, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
+            hidden_states = jnp.concatenate([hidden_states, res_hidden_states], axis=-1)
+            hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
+            hidden_states = self.transformer(i, f"attentions_{i}")(hidden_states, encoder_hidden_states,
+                                                                   deterministic=deterministic)
+        if self.add_upsample:
+            hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
+                hidden_states, upsample_size)
+        return hidden_states
+
+
+@flax.struct.dataclass
+class FlaxUNet2DConditionOutput:
+    """``sample``: (batch, out_channels, height, width), in the module's compute dtype."""
+
+    sample: jnp.ndarray
+
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+
+def _block_type(kind: str, value: str, allowed: tuple) -> str:
+    """diffusers accepts a ``UNetRes`` prefix on block names (``UNetResDownBlock2D`` == ``DownBlock2D``)."""
+    base = value[7:] if isinstance(value, str) and value.startswith("UNetRes") else value
+    if base not in allowed:
+        raise ValueError(
+            f"UNet2DConditionModel config {kind} contains {value!r}; this model is not supported by t2i_flax "
+            f"(supported: {', '.join(a for a in allowed if a)})"
+        )
+    return base
+
+
+# diffusers UNet2DConditionModel config keys that must keep their "off" value here
+_UNET_OFF = {
+    "act_fn": ("silu", "swish"),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "class_embeddings_concat": (False,),
+    "addition_embed_type_num_heads": lambda v: isinstance(v, int),  # used only by addition_embed_type
+    "resnet_time_scale_shift": ("default",),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+    # read only by block types that are not supported here (ResnetDownsampleBlock2D, SimpleCrossAttn...):
+    # any value leaves these blocks unchanged
+    "resnet_out_scale_factor": lambda v: isinstance(v, (int, float)),
+    "resnet_skip_time_act": lambda v: isinstance(v, bool),
+    # written by the legacy diffusers FlaxUNet2DConditionModel (<= 0.39): speed knobs of its attention,
+    # no effect on the numbers
+    "use_memory_efficient_attention": lambda v: isinstance(v, bool),
+    "split_head_dim": lambda v: isinstance(v, bool),
+    # only read by UNetMidBlock2DSimpleCrossAttn, which is not supported: no effect here
+    "mid_block_only_cross_attention": (None, True, False),
+}
+
+# values diffusers' to_config needs for the "off" keys
+_UNET_OFF_DEFAULTS = {
+    "act_fn": "silu",
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "projection_class_embeddings_input_dim": None,
+    "class_embeddings_concat": False,
+    "addition_embed_type_num_heads": 64,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+    "mid_block_only_cross_attention": None,
+}
+
+
+class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
+    """Conditional UNet of Stable Diffusion 1.x/2.x. Fields are diffusers' config keys.
+
+    ``__call__(sample (B, C, H, W), timesteps, encoder_hidden_states (B, L, D), train=False)``.
+    ``timesteps``: python int/float, numpy or jax array, 0-d or 1-d (length 1 or B). With ``train``
+    and ``dropout > 0`` pass ``rngs={'dropout': key}``. ``dtype`` is the compute dtype (parameters
+    stay float32); ``attention`` picks the ``jax.nn.dot_product_attention`` implementation.
+    """
+
+    sample_size: Any = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: Any = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: Any = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: Any = 1280
+    transformer_layers_per_block: Any = 1
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_embedding_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    dtype: jnp.dtype = jnp.float32
+    attention: str | None = None
+
+    weights_name = "diffusion_pytorch_model.safetensors"
+    legacy_weights_name = "diffusion_flax_model.msgpack"
+    config_name = "config.json"
+    diffusers_class_name = "UNet2DConditionModel"
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        return tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "attention", "parent", "name"))
+
+    @classmethod
+    def from_config(cls, config: dict, dtype=jnp.float32, attention=None) -> "FlaxUNet2DConditionModel":
+        """Build from a diffusers ``UNet2DConditionModel`` config dict; ValueError on anything unsupported."""
+        kwargs = check_config(cls.diffusers_class_name, config, cls.config_keys(), _UNET_OFF, EMA_CONFIG_KEYS)
+        kwargs = {k: _tuple(v) for k, v in kwargs.items()}
+        module = cls(**kwargs, dtype=dtype, attention=attention)
+        module.validate()
+        return module
+
+    def validate(self) -> None:
+        """Raise ValueError for config values this implementation cannot run."""
+        n = len(self.down_block_types)
+        for t in self.down_block_types:
+            _block_type("down_block_types", t, DOWN_BLOCK_TYPES)
+        for t in self.up_block_types:
+            _block_type("up_block_types", t, UP_BLOCK_TYPES)
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(
+                f"UNet2DConditionModel config mid_block_type={self.mid_block_type!r} is not supported by t2i_flax; "
+                "this model is not supported (only UNetMidBlock2DCrossAttn or null)"
+            )
+        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
+            raise ValueError(
+                "UNet2DConditionModel config needs as many up_block_types and block_out_channels as "
+                f"down_block_types ({n})"
+            )
+        if self.norm_num_groups is None:
+            raise ValueError("UNet2DConditionModel config norm_num_groups=None is not supported by t2i_flax")
+        if self.attention not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention={self.attention!r}: use None, 'xla' or 'cudnn'")
+        for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim",
+                     "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+            _per_block(getattr(self, name), n, name)
+
+    def heads_per_block(self) -> tuple[int, ...]:
+        """Attention heads per down block (diffusers: ``attention_head_dim`` is the head COUNT when
+        ``num_attention_heads`` is unset, a historical naming mistake kept for compatibility)."""
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return _per_block(heads, len(self.down_block_types), "attention_head_dim")
+
+    def to_config(self) -> dict:
+        """diffusers ``config.json`` content that rebuilds this network in diffusers."""
+        config = {"_class_name": self.diffusers_class_name}
+        for key in self.config_keys():
+            config[key] = _jsonable(getattr(self, key))
+        config.update(_UNET_OFF_DEFAULTS)
+        if self.num_attention_heads is not None:
+            # diffusers 0.42 refuses num_attention_heads; attention_head_dim carries the head count
+            heads = self.heads_per_block()
+            config["attention_head_dim"] = heads[0] if len(set(heads)) == 1 else list(heads)
+            config["num_attention_heads"] = None
+        return config
+
+    def dummy_inputs(self) -> tuple:
+        """Smallest (sample, timesteps, encoder_hidden_states) for ``init``/``jax.eval_shape``."""
+        size = 2 ** (len(self.down_block_types) - 1)
+        cross = self.cross_attention_dim
+        cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+        sample = jnp.zeros((1, self.in_channels, size, size), jnp.float32)
+        timesteps = jnp.ones((1,), jnp.int32)
+        encoder_hidden_states = jnp.zeros((1, 1, cross), jnp.float32)
+        return sample, timesteps, encoder_hidden_states
+
+    # ------------------------------------------------------------------ network
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False, return_dict: bool = True):
+        self.validate()
+        deterministic = not train
+        n_blocks = len(self.block_out_channels)
+        boc = self.block_out_channels
+        heads = self.heads_per_block()
+        only_cross = _per_block(self.only_cross_attention, n_blocks, "only_cross_attention")
+        layers = _per_block(self.layers_per_block, n_blocks, "layers_per_block")
+        transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks, "transformer_layers_per_block")
+        common = dict(dropout=self.dropout, resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps,
+                      dtype=self.dtype)
+        attn_common = dict(use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                           attention=self.attention)
+
+        batch = sample.shape[0]
+        # diffusers passes explicit upsample sizes when H or W is not a multiple of 2^(blocks-1)
+        forward_upsample_size = any(d % 2 ** (n_blocks - 1) != 0 for d in sample.shape[-2:])
+        # 1. time: any python/numpy/jax scalar or vector -> (B,)
+        timesteps = broadcast_timesteps(timesteps, batch)
+        t_emb = get_timestep_embedding(timesteps, boc[0], self.flip_sin_to_cos, self.freq_shift)
+        emb = FlaxTimestepEmbedding(self.time_embedding_dim or boc[0] * 4, dtype=self.dtype,
+                                    name="time_embedding")(t_emb.astype(self.dtype))
+
+        # 2. pre-process: NCHW -> NHWC
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+        sample = jnp.transpose(sample, (0, 2, 3, 1))
+        k = self.conv_in_kernel
+        sample = nn.Conv(boc[0], (k, k), padding=((k - 1) // 2, (k - 1) // 2), dtype=self.dtype,
+                         name="conv_in")(sample)
+
+        # 3. down
+        res_samples = (sample,)
+        for i, block_type in enumerate(self.down_block_types):
+            block_type = _block_type("down_block_types", block_type, DOWN_BLOCK_TYPES)
+            kwargs = dict(out_channels=boc[i], num_layers=layers[i], add_downsample=i < n_blocks - 1,
+                          downsample_padding=self.downsample_padding, name=f"down_blocks_{i}", **common)
+            if block_type == "CrossAttnDownBlock2D":
+                block = FlaxCrossAttnDownBlock2D(num_attention_heads=heads[i], transformer_layers=transformer_layers[i],
+                                                 only_cross_attention=only_cross[i], **attn_common, **kwargs)
+                sample, skips = block(sample, emb, encoder_hidden_states, deterministic=deterministic)
+            else:
+                sample, skips = FlaxDownBlock2D(**kwargs)(sample, emb, deterministic=deterministic)
+            res_samples += skips
+
+        # 4. mid
+        if self.mid_block_type is not None:
+            sample = FlaxUNetMidBlock2DCrossAttn(
+                out_channels=boc[-1], num_attention_heads=heads[-1], transformer_layers=transformer_layers[-1],
+                output_scale_factor=self.mid_block_scale_factor, name="mid_block", **attn_common, **common,
+            )(sample, emb, encoder_hidden_states, deterministic=deterministic)
+
+        # 5. up (skip states consumed from the end; explicit output sizes when H, W are not multiples of 2^n)
+        rev_heads, rev_layers = heads[::-1], layers[::-1]
+        rev_only_cross, rev_transformer_layers = only_cross[::-1], transformer_layers[::-1]
+        for i, block_type in enumerate(self.up_block_types):
+            block_type = _block_type("up_block_types", block_type, UP_BLOCK_TYPES)
+            n_res = rev_layers[i] + 1
+            skips, res_samples = res_samples[-n_res:], res_samples[:-n_res]
+            is_final = i == n_blocks - 1
+            upsample_size = tuple(res_samples[-1].shape[1:3]) if (forward_upsample_size and not is_final) else None
+            kwargs = dict(out_channels=boc[::-1][i], num_layers=n_res, add_upsample=not is_final,
+                          name=f"up_blocks_{i}", **common)
+            if block_type == "CrossAttnUpBlock2D":
+                sample = FlaxCrossAttnUpBlock2D(
+                    num_attention_heads=rev_heads[i], transformer_layers=rev_transformer_layers[i],
+                    only_cross_attention=rev_only_cross[i], **attn_common, **kwargs,
+                )(sample, skips, emb, encoder_hidden_states, upsample_size, deterministic=deterministic)
+            else:
+                sample = FlaxUpBlock2D(**kwargs)(sample, skips, emb, upsample_size, deterministic=deterministic)
+
+        # 6. post-process
+        sample = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                              name="conv_norm_out")(sample)
+        sample = nn.silu(sample)
+        k = self.conv_out_kernel
+        sample = nn.Conv(self.out_channels, (k, k), padding=((k - 1) // 2, (k - 1) // 2), dtype=self.dtype,
+                         name="conv_out")(sample)
+        sample = jnp.transpose(sample, (0, 3, 1, 2))  # NHWC -> NCHW
+
+        if not return_dict:
+            return (sample,)
+        return FlaxUNet2DConditionOutput(sample=sample)
+
+
+__all__ = [
+    "FlaxUNet2DConditionModel",
+    "FlaxUNet2DConditionOutput",
+    "FlaxCrossAttnDownBlock2D",
+    "FlaxDownBlock2D",
+    "FlaxUNetMidBlock2DCrossAttn",
+    "FlaxCrossAttnUpBlock2D",
+    "FlaxUpBlock2D",
+    "FlaxTimestepEmbedding",
+    "get_timestep_embedding",
+    "broadcast_timesteps",
+    "check_config",
+]
