@@ -86,7 +86,7 @@ def train_step(config: StepConfig, state: TrainState, frozen: dict, batch: dict)
     if config.use_ema:
         decay = ema_decay_at(state.step, config.ema_decay)
         ema_params = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": jnp.asarray(config.learning_rate(state.step), jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
     return new_state, metrics

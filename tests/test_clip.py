@@ -261,3 +261,14 @@ def test_from_config_accepts_transformers_configs():
 def test_from_config_rejects_what_it_cannot_honour(change, named):
     with pytest.raises(ValueError, match=named):
         FlaxCLIPTextModel.from_config({**SD15_TEXT_ENCODER_CONFIG, **change})
+
+
+def test_legacy_flax_msgpack_loads_and_matches():
+    # tests/fixtures/legacy_clip: transformers 4.57.6 FlaxCLIPTextModel.save_pretrained (flax_model.msgpack),
+    # made by tests/fixtures/make_legacy_fixtures.py; reference.npz holds the PyTorch model's outputs.
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_clip")
+    reference = np.load(os.path.join(folder, "reference.npz"))
+    model, params = FlaxCLIPTextModel.from_pretrained(folder)
+    out = model.apply({"params": params}, jnp.asarray(reference["input_ids"]))
+    assert rel_err(out.last_hidden_state, reference["torch_last_hidden_state"]) <= F32_TOL
+    assert rel_err(out.pooler_output, reference["torch_pooler_output"]) <= F32_TOL

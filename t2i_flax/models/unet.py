@@ -40,19 +40,18 @@ def check_config(class_name: str, config: dict, supported: Sequence[str], off: d
             kwargs[key] = value
         elif key in off:
             allowed = off[key]
-            ok = allowed(value) if callable(allowed) else value in allowed
-            if not ok:
-                raise ValueError(
-                    f"{class_name} config {key}={value!r} is not supported by t2i_flax "
-                    f"(only {key} in {allowed!r} is); this model is not supported"
-                    if not callable(allowed)
-                    else f"{class_name} config {key}={value!r} is not supported by t2i_flax; this model is not supported"
-                )
+            if callable(allowed) and not allowed(value):
+                raise ValueError(f"{class_name} config {key}={value!r} is not supported by t2i_flax; "
+                                 "this model is not supported")
+            if not callable(allowed) and value not in allowed:
+                raise ValueError(f"{class_name} config {key}={value!r} is not supported by t2i_flax (supported: "
+                                 f"{' or '.join(repr(a) for a in allowed)}); this model is not supported")
         elif key in ignored:
             continue
         else:
             raise ValueError(
-                f"{class_name} config has unknown key {key!r} (value {value!r}); this model is not supported by t2i_flax"
+                f"{class_name} config has unknown key {key!r} (value {value!r}); "
+                "this model is not supported by t2i_flax"
             )
     return kwargs
 
@@ -76,11 +75,6 @@ def _per_block(value, n: int, name: str) -> tuple:
             raise ValueError(f"UNet2DConditionModel config {name}={list(value)!r} must have one entry per block ({n})")
         return tuple(value)
     return (value,) * n
-
-
-def _depth(transformer_layers, layer: int) -> int:
-    """Transformer depth of resnet/attention pair ``layer``: an int for the block or one per layer."""
-    return transformer_layers[layer] if isinstance(transformer_layers, (list, tuple)) else transformer_layers
 
 
 def broadcast_timesteps(timesteps, batch: int):
@@ -127,9 +121,10 @@ class _UNetBlock(nn.Module):
     dropout: float = 0.0
     resnet_groups: int = 32
     resnet_eps: float = 1e-5
+    temb_channels: int = 1280  # width of the time embedding fed to every resnet
     # cross-attention blocks only
     num_attention_heads: int = 8
-    transformer_layers: Any = 1  # int, or one int per layer
+    transformer_layers: int = 1  # transformer blocks in each attentions_N
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
@@ -138,17 +133,18 @@ class _UNetBlock(nn.Module):
 
     def resnet(self, name, output_scale_factor=1.0):
         return FlaxResnetBlock2D(
-            out_channels=self.out_channels, temb_channels=1, groups=self.resnet_groups, eps=self.resnet_eps,
-            dropout=self.dropout, output_scale_factor=output_scale_factor, dtype=self.dtype, name=name,
+            out_channels=self.out_channels, temb_channels=self.temb_channels, groups=self.resnet_groups,
+            eps=self.resnet_eps, dropout=self.dropout, output_scale_factor=output_scale_factor, dtype=self.dtype,
+            name=name,
         )
 
-    def transformer(self, layer: int, name: str):
+    def transformer(self, name: str):
         # the UNet's transformers run without dropout (diffusers does not pass the config's dropout)
         return FlaxTransformer2DModel(
             in_channels=self.out_channels,
             n_heads=self.num_attention_heads,
             d_head=self.out_channels // self.num_attention_heads,
-            depth=_depth(self.transformer_layers, layer),
+            depth=self.transformer_layers,
             use_linear_projection=self.use_linear_projection,
             only_cross_attention=self.only_cross_attention,
             upcast_attention=self.upcast_attention,
@@ -186,7 +182,7 @@ class FlaxCrossAttnDownBlock2D(FlaxDownBlock2D):
         output_states = ()
         for i in range(self.num_layers):
             hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
-            hidden_states = self.transformer(i, f"attentions_{i}")(hidden_states, encoder_hidden_states,
+            hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
                                                                    deterministic=deterministic)
             output_states += (hidden_states,)
         if self.add_downsample:
@@ -206,7 +202,7 @@ class FlaxUNetMidBlock2DCrossAttn(_UNetBlock):
         hidden_states = self.resnet("resnets_0", self.output_scale_factor)(hidden_states, temb,
                                                                            deterministic=deterministic)
         for i in range(self.num_layers):
-            hidden_states = self.transformer(i, f"attentions_{i}")(hidden_states, encoder_hidden_states,
+            hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
                                                                    deterministic=deterministic)
             hidden_states = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(
                 hidden_states, temb, deterministic=deterministic)
@@ -241,7 +237,7 @@ class FlaxCrossAttnUpBlock2D(FlaxUpBlock2D):
             res_hidden_states, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
             hidden_states = jnp.concatenate([hidden_states, res_hidden_states], axis=-1)
             hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
-            hidden_states = self.transformer(i, f"attentions_{i}")(hidden_states, encoder_hidden_states,
+            hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
                                                                    deterministic=deterministic)
         if self.add_upsample:
             hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
@@ -410,6 +406,12 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
             raise ValueError("UNet2DConditionModel config norm_num_groups=None is not supported by t2i_flax")
         if self.attention not in (None, "xla", "cudnn"):
             raise ValueError(f"attention={self.attention!r}: use None, 'xla' or 'cudnn'")
+        tlpb = self.transformer_layers_per_block
+        if any(not isinstance(d, int) for d in (tlpb if isinstance(tlpb, (list, tuple)) else (tlpb,))):
+            raise ValueError(
+                f"UNet2DConditionModel config transformer_layers_per_block={_jsonable(tlpb)!r} (per-layer depths, "
+                "SDXL style) is not supported by t2i_flax; use one int per block"
+            )
         for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim",
                      "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
             _per_block(getattr(self, name), n, name)
@@ -454,8 +456,9 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         only_cross = _per_block(self.only_cross_attention, n_blocks, "only_cross_attention")
         layers = _per_block(self.layers_per_block, n_blocks, "layers_per_block")
         transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks, "transformer_layers_per_block")
+        time_embed_dim = self.time_embedding_dim or boc[0] * 4
         common = dict(dropout=self.dropout, resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps,
-                      dtype=self.dtype)
+                      temb_channels=time_embed_dim, dtype=self.dtype)
         attn_common = dict(use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
                            attention=self.attention)
 
@@ -465,7 +468,7 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         # 1. time: any python/numpy/jax scalar or vector -> (B,)
         timesteps = broadcast_timesteps(timesteps, batch)
         t_emb = get_timestep_embedding(timesteps, boc[0], self.flip_sin_to_cos, self.freq_shift)
-        emb = FlaxTimestepEmbedding(self.time_embedding_dim or boc[0] * 4, dtype=self.dtype,
+        emb = FlaxTimestepEmbedding(time_embed_dim, dtype=self.dtype,
                                     name="time_embedding")(t_emb.astype(self.dtype))
 
         # 2. pre-process: NCHW -> NHWC

@@ -84,7 +84,8 @@ class FlaxVAEAttentionBlock(nn.Module):
         heads = channels // head_dim
         residual = hidden_states
 
-        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=VAE_EPS, dtype=self.dtype, name="group_norm")(hidden_states)
+        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=VAE_EPS, dtype=self.dtype,
+                         name="group_norm")(hidden_states)
         h = h.reshape(batch, height * width, channels)
 
         def proj(name):
