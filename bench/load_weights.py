@@ -7,7 +7,6 @@ loads each component in a fresh subprocess and prints one JSON line per componen
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,6 +43,15 @@ def write_folder(workdir):
         module.save_pretrained(folder, params)
 
 
+def peak_rss_bytes():
+    """This process's high-water RSS (VmHWM resets at exec, unlike ru_maxrss which a child inherits)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def load_one(workdir, component):
     from t2i_flax import models, weights
 
@@ -52,7 +60,7 @@ def load_one(workdir, component):
     _, params = getattr(models, class_name).from_pretrained(workdir, subfolder=component)
     seconds = time.perf_counter() - start
     count = sum(v.size for v in weights.flatten(params).values())
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gib = peak_rss_bytes() / 2**30
     print(json.dumps({"bench": "load_safetensors", "component": component, "params_millions": round(count / 1e6, 1),
                       "file_gib": round(sum(os.path.getsize(os.path.join(workdir, component, f)) for f in
                                             os.listdir(os.path.join(workdir, component))) / 2**30, 2),

@@ -173,3 +173,18 @@ def test_hub_repo_id_resolves_from_offline_cache(tmp_path, monkeypatch):
     assert weights.flatten(loaded)[("conv_in", "kernel")].tobytes() == tree["conv_in"]["kernel"].tobytes()
     with pytest.raises(hub.ModelNotFoundError, match="not in the local Hugging Face cache"):
         hub.resolve_model_dir("someone/other-model", cache_dir=str(cache))
+
+
+def test_bfloat16_and_float16_safetensors_read_exactly(tmp_path):
+    import torch
+    from safetensors.torch import save_file as save_torch_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+               "b.weight": torch.randn(4, generator=generator).to(torch.float16),
+               "c.bias": torch.randn(2, 2, 3, 3, generator=generator)}
+    save_torch_file(tensors, str(tmp_path / "x.safetensors"))
+    read = weights.read_safetensors(str(tmp_path / "x.safetensors"))
+    for key, tensor in tensors.items():
+        assert read[key].shape == tuple(tensor.shape)
+        np.testing.assert_array_equal(read[key].astype(np.float32), tensor.float().numpy())
