@@ -7,6 +7,7 @@ Bad input is one line on stderr and exit code 2. JAX is imported only after the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -85,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--push_to_hub", action="store_true")
     a("--hub_token", type=str, default=None)
     a("--hub_model_id", type=str, default=None)
-    a("--local_rank", type=int, default=-1, help="Accepted for compatibility (multi-host uses jax.distributed).")
+    a("--local_rank", type=int, default=-1, help="Accepted for compatibility (multi-host: --multihost).")
+    a("--multihost", action="store_true",
+      help="Call jax.distributed.initialize() first: one process per host (TPU pod slices, SLURM, or the "
+           "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment).")
     # devices
     a("--cpu_devices", type=int, default=None, help="Simulate N CPU devices (stand-in for a TPU v3-8: 8).")
     a("--fsdp", type=int, default=1, help="Devices on the fsdp mesh axis: params, grads, optimizer, EMA sharded.")
@@ -116,8 +120,8 @@ def check_args(args) -> None:
         if getattr(args, name) is not None:
             raise UsageError(f"{flag}: checkpoints and validation images are not in this version of t2i_flax yet; "
                              f"drop the flag (the final model is still exported to --output_dir)")
-    if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise UsageError("give exactly one of --dataset_name or --train_data_dir")
+    if args.dataset_name is None and args.train_data_dir is None:  # both: data_dir of the named dataset
+        raise UsageError("give --dataset_name or --train_data_dir")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder")
     positive = {"resolution": args.resolution, "train_batch_size": args.train_batch_size,
@@ -153,11 +157,15 @@ def check_args(args) -> None:
         raise UsageError(f"--prediction_type {args.prediction_type!r} is not one of: epsilon, v_prediction")
     if args.attention not in (None, "xla", "cudnn"):
         raise UsageError(f"--attention {args.attention!r} is not one of: xla, cudnn")
+    if args.attention == "cudnn" and args.mixed_precision != "bf16":
+        raise UsageError("--attention cudnn needs --mixed_precision bf16 (cuDNN flash attention has no float32)")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UsageError(f"--report_to {args.report_to!r} is not one of: tensorboard, wandb, all, none")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise UsageError("--hub_token with --report_to wandb would expose the token in the run's config; "
                          "log in with `hf auth login` instead of passing --hub_token")
+    if args.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise UsageError(f"--report_to {args.report_to} needs the wandb package: pip install wandb")
     if os.path.isfile(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder")
 
@@ -178,22 +186,34 @@ def setup_devices(cpu_devices: int | None) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
         setup_devices(args.cpu_devices)
+        if args.multihost:
+            import jax
+
+            jax.distributed.initialize()
         from t2i_flax import train
 
         train.run(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as error:  # the loaders' and data pipeline's checks
+    except (ValueError, OSError) as error:  # the loaders' and data pipeline's checks, missing/unreadable files
         if os.environ.get("T2I_FLAX_DEBUG"):
             raise
-        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except FloatingPointError as error:  # NaN/inf loss: the run failed, the input may be fine
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

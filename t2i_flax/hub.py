@@ -6,6 +6,8 @@ import os
 import re
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+# What training needs of a pipeline repo (not safety_checker/, feature_extractor/, ...).
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LEGACY_WEIGHT_FILES = ("diffusion_flax_model", "flax_model")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -60,7 +62,8 @@ def _download(repo_id, subfolder, revision, variant, cache_dir, local_files_only
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
-    prefixes = [f"{subfolder}/"] if subfolder else ["", "*/"]
+    # fnmatch's "*" also matches "/": name each component folder so nothing else is downloaded.
+    prefixes = [f"{subfolder}/"] if subfolder else [""] + [f"{c}/" for c in PIPELINE_COMPONENTS]
     base = ["model_index.json"] + [f"{p}{name}" for p in prefixes for name in ("*.json", "*.txt")]
     weights = [pattern for p in prefixes for pattern in _safetensors_patterns(p, variant)]
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
@@ -71,7 +74,7 @@ def _download(repo_id, subfolder, revision, variant, cache_dir, local_files_only
         if subfolder:
             lacking = [subfolder] if not _has_weights(os.path.join(root, subfolder)) else []
         else:
-            lacking = [d for d in sorted(os.listdir(root))
+            lacking = [d for d in PIPELINE_COMPONENTS
                        if os.path.isfile(os.path.join(root, d, "config.json")) and not _has_weights(os.path.join(root, d))]
             lacking += [""] if os.path.isfile(os.path.join(root, "config.json")) and not _has_weights(root) else []
         if lacking:

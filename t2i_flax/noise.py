@@ -82,9 +82,13 @@ def schedule_from_config(config: dict, prediction_type: str | None = None) -> No
     return NoiseSchedule(np.cumprod(alphas, dtype=np.float32), prediction)
 
 
-def load_noise_schedule(model_dir: str, prediction_type: str | None = None) -> NoiseSchedule:
+def read_scheduler_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{model_dir} has no scheduler/scheduler_config.json: is it a diffusers pipeline folder?")
     with open(path) as handle:
-        return schedule_from_config(json.load(handle), prediction_type)
+        return json.load(handle)
+
+
+def load_noise_schedule(model_dir: str, prediction_type: str | None = None) -> NoiseSchedule:
+    return schedule_from_config(read_scheduler_config(model_dir), prediction_type)

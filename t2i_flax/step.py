@@ -97,6 +97,11 @@ def state_shardings(config: StepConfig, mesh, params_shape, seed: int = 0):
     return abstract, sharding.tree_shardings(mesh, abstract)
 
 
+def frozen_params(vae_params, text_params) -> dict:
+    """What the step reads of the frozen models: the VAE's encoder half and the text encoder."""
+    return {"vae": {name: vae_params[name] for name in ("encoder", "quant_conv")}, "text_encoder": text_params}
+
+
 def compile_train_step(config: StepConfig, mesh, state_sharding, frozen_sharding):
     """One jax.jit of the pure step with explicit shardings; the state buffer is donated."""
     metrics_sharding = {name: sharding.replicated(mesh) for name in ("loss", "grad_norm", "learning_rate")}
@@ -110,5 +115,5 @@ def create_state(config: StepConfig, mesh, params, seed: int):
     """Places host params on the mesh by the partition rules and builds the optimizer/EMA state there."""
     abstract, state_sharding = state_shardings(config, mesh, jax.eval_shape(lambda: params), seed)
     params = jax.device_put(params, state_sharding.params)
-    state = jax.jit(lambda p: init_state(config, p, seed), out_shardings=state_sharding)(params)
+    state = jax.jit(lambda p: init_state(config, p, seed), out_shardings=state_sharding, donate_argnums=0)(params)
     return state, state_sharding

@@ -5,14 +5,17 @@ import json
 import math
 import os
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from t2i_flax import data, export, hub, optim, sharding, step, tokenizer
 from t2i_flax.metrics import MetricsWriter
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
-from t2i_flax.noise import schedule_from_config
+from t2i_flax.noise import read_scheduler_config, schedule_from_config
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}
 SECRET_ARGS = ("hub_token",)
@@ -31,10 +34,13 @@ def plan_steps(args, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def load_models(args, model_dir: str, dtype):
-    common = dict(revision=None, variant=args.variant, dtype=dtype, attention=args.attention)
-    unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **common)
+    common = dict(variant=args.variant, dtype=dtype)
+    unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", attention=args.attention,
+                                                                 **common)
+    # The VAE's mid-block attention is one head of 512 channels, beyond cuDNN's head_dim limit: always XLA.
     vae, vae_params = FlaxAutoencoderKL.from_pretrained(model_dir, subfolder="vae", **common)
-    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **common)
+    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder",
+                                                                  attention=args.attention, **common)
     return (unet, unet_params), (vae, vae_params), (text_encoder, text_params)
 
 
@@ -53,20 +59,10 @@ def run(args) -> None:
         log("note: --from_pt is not needed: t2i_flax reads safetensors (PyTorch) weights directly")
     model_dir = hub.resolve_model_dir(args.pretrained_model_name_or_path, revision=args.revision,
                                       variant=args.variant, cache_dir=args.cache_dir)
-    scheduler_path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(scheduler_path):
-        raise ValueError(f"{model_dir} has no scheduler/scheduler_config.json: is it a diffusers pipeline folder?")
-    with open(scheduler_path) as handle:
-        scheduler_config = json.load(handle)
+    scheduler_config = read_scheduler_config(model_dir)
     noise_schedule = schedule_from_config(scheduler_config, args.prediction_type)
-    dtype = COMPUTE_DTYPES[args.mixed_precision]
-    (unet, unet_params), (vae, vae_params), (text_encoder, text_params) = load_models(args, model_dir, dtype)
-    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
-    if args.resolution % vae_factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_factor} for this VAE")
     tokenizer_dir = os.path.join(model_dir, "tokenizer")
     clip_tokenizer = tokenizer.load_tokenizer(tokenizer_dir)
-    log(f"model: {model_dir} (prediction_type {noise_schedule.prediction_type}, compute {jnp.dtype(dtype).name})")
 
     # ---- input ------------------------------------------------------------------------------
     loader = data.build_train_loader(
@@ -84,6 +80,14 @@ def run(args) -> None:
     log(f"data: {loader.num_examples} examples, {steps_per_epoch} steps/epoch, {num_epochs} epochs, "
         f"{max_train_steps} steps")
 
+    # ---- models (after the data, whose errors are cheaper to find) ----------------------------
+    dtype = COMPUTE_DTYPES[args.mixed_precision]
+    (unet, unet_params), (vae, vae_params), (text_encoder, text_params) = load_models(args, model_dir, dtype)
+    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_factor} for this VAE")
+    log(f"model: {model_dir} (prediction_type {noise_schedule.prediction_type}, compute {jnp.dtype(dtype).name})")
+
     # ---- state and step ---------------------------------------------------------------------
     schedule = optim.learning_rate_schedule(args.lr_scheduler, learning_rate, args.lr_warmup_steps, max_train_steps)
     optimizer = optim.make_optimizer(schedule, args.adam_beta1, args.adam_beta2, args.adam_weight_decay,
@@ -94,12 +98,12 @@ def run(args) -> None:
     state, state_sharding = step.create_state(step_config, mesh, unet_params, args.seed)
     del unet_params
     # Frozen models run in the compute dtype, as the PyTorch script casts them.
-    frozen = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), {"vae": vae_params,
-                                                                          "text_encoder": text_params})
+    frozen = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), step.frozen_params(vae_params, text_params))
     frozen_sharding = sharding.tree_shardings(mesh, frozen)
     frozen = jax.device_put(frozen, frozen_sharding)
     del vae_params, text_params
-    train_step = step.compile_train_step(step_config, mesh, state_sharding, frozen_sharding)
+    train_step = compile_ahead(step.compile_train_step(step_config, mesh, state_sharding, frozen_sharding),
+                               state, frozen, mesh, host_batch_size, args.resolution, clip_tokenizer.model_max_length)
 
     # ---- loop -------------------------------------------------------------------------------
     run_config = {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
@@ -127,7 +131,7 @@ def run(args) -> None:
 
     # ---- export -----------------------------------------------------------------------------
     trained = state.ema_params if args.use_ema else state.params
-    trained = jax.tree_util.tree_map(np.asarray, jax.device_get(trained))
+    trained = multihost_utils.process_allgather(trained, tiled=True)  # whole arrays, also when FSDP-sharded
     if is_main:
         _, vae_params = FlaxAutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant=args.variant)
         _, text_params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=args.variant)
@@ -138,6 +142,27 @@ def run(args) -> None:
         if args.push_to_hub:
             repo_id = export.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
             log(f"pushed to the Hub: {repo_id}")
+
+
+def compile_ahead(train_step, state, frozen, mesh, host_batch_size: int, resolution: int, max_length: int):
+    """Compiles the step before the loop (so the first timed step is a real one) and turns a step that does
+    not fit device memory into one line."""
+    global_size = host_batch_size * jax.process_count()
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {"pixel_values": jax.ShapeDtypeStruct((global_size, 3, resolution, resolution), jnp.float32,
+                                                  sharding=batch_sharding),
+             "input_ids": jax.ShapeDtypeStruct((global_size, max_length), jnp.int32, sharding=batch_sharding)}
+    start = time.perf_counter()
+    try:
+        compiled = train_step.lower(state, frozen, batch).compile()
+    except Exception as error:  # XLA reports a step that does not fit as RESOURCE_EXHAUSTED at compile time
+        if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+            raise
+        raise ValueError(f"the train step does not fit device memory ({str(error).splitlines()[0][:200]}): "
+                         f"shard with --fsdp {jax.device_count()}, lower --train_batch_size or use "
+                         f"--mixed_precision bf16") from None
+    log(f"compiled the train step in {time.perf_counter() - start:.1f}s")
+    return compiled
 
 
 def _record(writer: MetricsWriter, finished_steps: int, metrics, log_every: int) -> None:
