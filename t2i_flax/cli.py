@@ -199,7 +199,10 @@ def main(argv=None) -> int:
         if args.multihost:
             import jax
 
-            jax.distributed.initialize()
+            # TPU pods and SLURM are detected; elsewhere JAX_COORDINATOR_ADDRESS plus these two say who is who.
+            env = {name: int(os.environ[key]) for name, key in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                                ("process_id", "JAX_PROCESS_ID")) if key in os.environ}
+            jax.distributed.initialize(**env)
         from t2i_flax import train
 
         train.run(args)

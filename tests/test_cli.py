@@ -80,3 +80,32 @@ def test_documented_flags_are_accepted():
                 "use_ema": False, "lr_warmup_steps": 500, "prediction_type": None, "noise_offset": 0.0,
                 "dataloader_num_workers": 0}
     assert {name: getattr(args, name) for name in defaults} == defaults
+
+
+def test_push_to_hub_uploads_the_pipeline_and_keeps_the_token_quiet(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from t2i_flax import export
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/sd-shapes"
+
+    def fake_create_repo(repo_id, exist_ok, token):
+        calls["create"] = (repo_id, exist_ok, token)
+        return Repo()
+
+    def fake_upload_folder(**kwargs):
+        calls["upload"] = kwargs
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    assert export.push_to_hub(str(tmp_path / "sd-shapes"), None, "hf_token_value") == "me/sd-shapes"
+    assert calls["create"] == ("sd-shapes", True, "hf_token_value")
+    upload = calls["upload"]
+    assert upload["repo_id"] == "me/sd-shapes" and upload["token"] == "hf_token_value"
+    assert set(upload["allow_patterns"]) >= {"model_index.json", "unet/*", "vae/*", "text_encoder/*",
+                                              "tokenizer/*", "scheduler/*"}
+    assert not any(p.startswith(("logs", "metrics", "training_args")) for p in upload["allow_patterns"])
+    assert "hf_token_value" not in capsys.readouterr().out

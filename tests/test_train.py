@@ -12,23 +12,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from t2i_flax import cli, data, optim, sharding, step, tokenizer, weights
-from t2i_flax.demo import write_tiny_pipeline
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
 from t2i_flax.noise import load_noise_schedule
 
-RESOLUTION = 32
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return write_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")), seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("shapes"))
-    data.write_synthetic_dataset(folder, 16, resolution=RESOLUTION, seed=0)
-    return folder
+from conftest import RESOLUTION
 
 
 def train_argv(pipeline_dir, dataset_dir, output_dir, *extra):
@@ -160,3 +147,54 @@ def test_same_global_batch_same_result_on_any_layout(components, data_parallel_8
         flat = weights.flatten(getattr(state, tree))
         for path, value in weights.flatten(getattr(reference_state, tree)).items():
             np.testing.assert_allclose(flat[path], value, rtol=1e-4, atol=1e-6, err_msg=f"{tree}: {'/'.join(path)}")
+
+
+def test_fsdp_really_shards_params_optimizer_and_ema(components):
+    lr = optim.learning_rate_schedule("constant", 1e-3, 0, 10)
+    config = step.StepConfig(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+                             noise_schedule=components["schedule"], optimizer=optim.make_optimizer(lr),
+                             learning_rate=lr, use_ema=True)
+    state, _ = step.create_state(config, sharding.make_mesh(8), components["unet_params"], seed=0)
+    kernel = state.params["conv_in"]["kernel"]  # (3, 3, 4, 32): output features split 8 ways
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert {shard.data.shape for shard in kernel.addressable_shards} == {(3, 3, 4, 4)}
+    adam_mu = state.opt_state[1][0].mu["conv_in"]["kernel"]
+    assert {shard.data.shape for shard in adam_mu.addressable_shards} == {(3, 3, 4, 4)}
+    assert {s.data.shape for s in state.ema_params["conv_in"]["kernel"].addressable_shards} == {(3, 3, 4, 4)}
+    assert state.params["conv_in"]["bias"].sharding.spec == jax.sharding.PartitionSpec()  # small: replicated
+
+
+def test_bf16_v_prediction_noise_offset_step_tracks_float32(components, pipeline_dir):
+    """The TPU default (bf16 compute) on an SD2-style target: the first loss agrees with float32 compute."""
+    import jax.numpy as jnp
+
+    schedule = load_noise_schedule(pipeline_dir, prediction_type="v_prediction")
+    lr = optim.learning_rate_schedule("constant", 1e-3, 0, 10)
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        models = {name: type(components[name]).from_config(components[name].to_config(), dtype=dtype)
+                  for name in ("unet", "vae", "text_encoder")}
+        config = step.StepConfig(**models, noise_schedule=schedule, optimizer=optim.make_optimizer(lr),
+                                 learning_rate=lr, noise_offset=0.1)
+        mesh = sharding.make_mesh(1)
+        state, state_sharding = step.create_state(config, mesh, components["unet_params"], seed=0)
+        frozen = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), step.frozen_params(
+            components["frozen"]["vae"], components["frozen"]["text_encoder"]))
+        frozen_sharding = sharding.tree_shardings(mesh, frozen)
+        train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
+        _, metrics = train_step(state, jax.device_put(frozen, frozen_sharding),
+                                sharding.global_batch(mesh, components["batches"][0]))
+        losses[jnp.dtype(dtype).name] = float(metrics["loss"])
+    assert np.isfinite(losses["bfloat16"])
+    assert abs(losses["bfloat16"] - losses["float32"]) <= 5e-2 * losses["float32"], losses
+
+
+def test_nan_loss_stops_with_the_step_number(tmp_path):
+    from t2i_flax.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), "logs", "none", total_steps=5, enabled=True)
+    writer.add(1, {"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-4})
+    with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
+        writer.add(2, {"loss": float("nan"), "grad_norm": 1.0, "learning_rate": 1e-4})
+    assert writer.flush(1)["loss"] == 0.5
+    writer.close()

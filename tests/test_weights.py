@@ -188,3 +188,35 @@ def test_bfloat16_and_float16_safetensors_read_exactly(tmp_path):
     for key, tensor in tensors.items():
         assert read[key].shape == tuple(tensor.shape)
         np.testing.assert_array_equal(read[key].astype(np.float32), tensor.float().numpy())
+
+
+def test_hub_download_asks_only_for_what_training_needs(tmp_path, monkeypatch):
+    """A pipeline repo: configs, tokenizer and safetensors of the five components, never the safety checker
+    or pickles; with --variant, only that variant's weights."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, **kwargs):
+        calls.append(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for variant in (None, "fp16"):
+        calls.clear()
+        hub.resolve_model_dir("org/model", variant=variant, local_files_only=False)
+        patterns = calls[0]
+        wanted = lambda path: any(fnmatch.fnmatchcase(path, p) for p in patterns)  # noqa: E731
+        suffix = ".fp16" if variant else ""
+        for path in ("model_index.json", "unet/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                     "scheduler/scheduler_config.json", f"unet/diffusion_pytorch_model{suffix}.safetensors",
+                     f"vae/diffusion_pytorch_model{suffix}.safetensors", f"text_encoder/model{suffix}.safetensors",
+                     f"unet/diffusion_pytorch_model{suffix}-00001-of-00002.safetensors"):
+            assert wanted(path), path
+        for path in ("safety_checker/model.safetensors", "unet/diffusion_pytorch_model.bin",
+                     "text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.non_ema.safetensors"):
+            assert not wanted(path), path
+        other = "" if variant else ".fp16"
+        assert not wanted(f"unet/diffusion_pytorch_model{other}.safetensors")
