@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from t2i_flax import cli
 
     cli.setup_devices(8)  # before jax is imported
-    from t2i_flax import data
+    from t2i_flax import synthetic
 
     model_dir = os.path.join(options.workdir, "tiny-sd")
     data_dir = os.path.join(options.workdir, "shapes")
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     print(f"demo: writing a tiny random SD pipeline to {model_dir}", flush=True)
     write_tiny_pipeline(model_dir)
     print(f"demo: writing {options.images} synthetic captioned images to {data_dir}", flush=True)
-    data.write_synthetic_dataset(data_dir, options.images, resolution=32, seed=0)
+    synthetic.write_synthetic_dataset(data_dir, options.images, resolution=32, seed=0)
     argv = ["--pretrained_model_name_or_path", model_dir, "--train_data_dir", data_dir, "--output_dir", output_dir,
             "--resolution", "32", "--center_crop", "--random_flip", "--train_batch_size", "2",
             "--max_train_steps", str(options.steps), "--learning_rate", "1e-3", "--lr_scheduler",

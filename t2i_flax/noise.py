@@ -12,13 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Keys of DDPM/PNDM/DDIM/Euler... scheduler configs that only matter at inference.
-INFERENCE_ONLY_KEYS = {"clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps", "steps_offset",
-                       "timestep_spacing", "variance_type", "thresholding", "dynamic_thresholding_ratio",
-                       "sample_max_value", "interpolation_type", "use_karras_sigmas", "sigma_min", "sigma_max",
-                       "final_sigmas_type", "algorithm_type", "solver_order", "solver_type", "lower_order_final",
-                       "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "euler_at_final",
-                       "timestep_type", "lambda_min_clipped", "variance_type", "use_flow_sigmas", "flow_shift"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,8 @@ def pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory):
     """16 synthetic captioned images as an imagefolder with metadata.jsonl."""
-    from t2i_flax import data
+    from t2i_flax import synthetic
 
     folder = str(tmp_path_factory.mktemp("shapes"))
-    data.write_synthetic_dataset(folder, 16, resolution=RESOLUTION, seed=0)
+    synthetic.write_synthetic_dataset(folder, 16, resolution=RESOLUTION, seed=0)
     return folder

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i_flax import data
+from t2i_flax import data, synthetic
 from t2i_flax.data import (
     build_train_loader,
     center_crop_offsets,
@@ -18,7 +18,6 @@ from t2i_flax.data import (
     preprocess_image,
     resized_size,
     sample_rng,
-    write_synthetic_dataset,
 )
 from t2i_flax.tokenizer import load_tokenizer, write_tiny_clip_tokenizer
 
@@ -515,19 +514,19 @@ def test_local_dataset_by_name_works_offline(tmp_path, tokenizer, layout):
 
 
 def test_synthetic_dataset(tmp_path, tokenizer):
-    captions = write_synthetic_dataset(tmp_path / "shapes", 6, resolution=32, seed=1)
-    assert captions == write_synthetic_dataset(tmp_path / "again", 6, resolution=32, seed=1)
+    captions = synthetic.write_synthetic_dataset(tmp_path / "shapes", 6, resolution=32, seed=1)
+    assert captions == synthetic.write_synthetic_dataset(tmp_path / "again", 6, resolution=32, seed=1)
     lines = [json.loads(line) for line in (tmp_path / "shapes" / "metadata.jsonl").read_text().splitlines()]
     assert [line["text"] for line in lines] == captions
     for line in lines:
         words = line["text"].split()
         assert words[0] == "a" and words[3:5] == ["on", "a"] and words[6] == "background"
         color, shape, background = words[1], words[2], words[5]
-        assert shape in data.SHAPES and color != background
+        assert shape in synthetic.SHAPES and color != background
         image = Image.open(tmp_path / "shapes" / line["file_name"])
         assert image.size == (32, 32) and image.mode == "RGB"
         colors = {c for _, c in image.getcolors()}
-        assert colors == {data.COLORS[color], data.COLORS[background]}
+        assert colors == {synthetic.COLORS[color], synthetic.COLORS[background]}
     # every word of a synthetic caption is one token of the tiny tokenizer
     ids = tokenizer(captions[0])["input_ids"]
     assert len(ids) == 2 + 7
