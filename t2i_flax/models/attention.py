@@ -12,19 +12,26 @@ import jax.numpy as jnp
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
-def dot_product_attention(query, key, value, implementation: str | None = None):
+def check_implementation(implementation: str | None) -> None:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; use one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+
+
+def dot_product_attention(query, key, value, implementation: str | None = None, mask=None, is_causal: bool = False):
     """Multi-head softmax(q k^T / sqrt(d)) v.
 
     Layout (batch, seq, heads, head_dim) for all three inputs and the output. ``implementation``:
     'xla' is the portable einsum/softmax path (logits and softmax in float32
     whatever the input dtype), 'cudnn' is the fused GPU kernel (bf16/fp16 inputs, head_dim a
     multiple of 8 and <= 256 on Hopper). None means JAX's default, which in jax 0.10 is the XLA path.
+    ``mask`` (boolean, broadcast to (batch, heads, q_seq, kv_seq), True = attend) and ``is_causal``
+    are passed on to ``jax.nn.dot_product_attention``.
     """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention implementation {implementation!r} is not supported; use one of {ATTENTION_IMPLEMENTATIONS}"
-        )
-    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+    check_implementation(implementation)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                        implementation=implementation)
 
 
 class FlaxAttention(nn.Module):

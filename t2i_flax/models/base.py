@@ -1,12 +1,15 @@
-"""`from_pretrained` / `save_pretrained` shared by our Flax models (the API of the removed diffusers
-Flax classes): `Model.from_pretrained(path_or_repo_id, subfolder=...) -> (module, params)`.
+"""`from_pretrained` / `save_pretrained` and the config handling shared by our Flax models (the API of the
+removed diffusers/transformers Flax classes): `Model.from_pretrained(path_or_repo_id, subfolder=...) -> (module, params)`.
 
-A model class provides `from_config(config, dtype, attention)`, `to_config()`, `dummy_inputs()` and the
-class attributes `weights_name`, `legacy_weights_name`, `config_name`."""
+A model class provides `dummy_inputs()`, optionally `validate()`, and the class attributes `weights_name`,
+`legacy_weights_name`, `config_name`, `model_name` (in error messages), `config_off`, `config_ignored`
+and `config_extra` (see `PretrainedMixin`); its dataclass fields (but `dtype`, `attention`) are its config keys."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +18,84 @@ import numpy as np
 from t2i_flax import hub, weights
 
 
+def _tuple(value):
+    """JSON lists -> tuples (hashable module fields); nested lists too; scalars unchanged."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuple(v) for v in value)
+    return value
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def check_config(model: str, config: dict, supported: Sequence[str], off: Mapping[str, Any] | None = None,
+                 ignored: Collection[str] = frozenset()) -> dict:
+    """Split a config dict into constructor kwargs; raise ValueError (naming key and value) on anything unsupported.
+
+    ``supported``: keys that become module fields. ``off``: key -> predicate(value), or the tuple of values
+    that mean "feature off / default" (accepted, not stored). ``ignored``: keys without effect on the
+    network, whatever their value. Keys starting with ``_`` (``_class_name``, ``_name_or_path``...) are skipped.
+    """
+    off = off or {}
+    kwargs = {}
+    for key, value in config.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in supported:
+            kwargs[key] = value
+        elif key in off:
+            allowed = off[key]
+            if callable(allowed) and not allowed(value):
+                raise ValueError(f"{model} config {key}={value!r} is not supported by t2i_flax; "
+                                 "only SD 1.x/2.x models are")
+            if not callable(allowed) and value not in allowed:
+                raise ValueError(f"{model} config {key}={value!r} is not supported by t2i_flax (supported: "
+                                 f"{' or '.join(repr(a) for a in allowed)}); only SD 1.x/2.x models are")
+        else:
+            raise ValueError(f"{model} config has unknown key {key!r} (value {value!r}); it is not supported by "
+                             "t2i_flax; only SD 1.x/2.x models are")
+    return kwargs
+
+
 class PretrainedMixin:
     weights_name: str
     legacy_weights_name: str
     config_name: str = "config.json"
+    model_name: str  # in error messages (and diffusers' `_class_name`)
+    config_off: Mapping[str, Any] = {}  # keys accepted with their "off" values only (see check_config)
+    config_ignored: Collection[str] = frozenset()  # keys accepted with any value, without effect
+    config_extra: Mapping[str, Any] = {}  # what to_config writes besides the fields
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        return tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "attention", "parent", "name"))
+
+    @classmethod
+    def from_config(cls, config: dict, dtype=jnp.float32, attention: str | None = None):
+        """Build from a diffusers/transformers config dict; ValueError naming any key or value we cannot honour."""
+        kwargs = check_config(cls.model_name, config, cls.config_keys(), cls.config_off, cls.config_ignored)
+        module = cls(**cls.normalize_config({k: _tuple(v) for k, v in kwargs.items()}), dtype=dtype,
+                     attention=attention)
+        module.validate()
+        return module
+
+    @classmethod
+    def normalize_config(cls, kwargs: dict) -> dict:
+        """Hook: rewrite accepted config values into field values."""
+        return kwargs
+
+    def validate(self) -> None:
+        """Hook: raise ValueError for field values this implementation cannot run."""
+
+    def to_config(self) -> dict:
+        """config.json content that rebuilds this network in diffusers/transformers."""
+        config = {key: _jsonable(getattr(self, key)) for key in self.config_keys()}
+        config.update(copy.deepcopy(self.config_extra))
+        return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
@@ -55,23 +132,3 @@ class PretrainedMixin:
             json.dump(self.to_config(), handle, indent=2, sort_keys=True)
         host_params = jax.tree_util.tree_map(np.asarray, params)
         weights.save_params(save_directory, weights.variant_name(self.weights_name, variant), host_params)
-
-
-def reject_unsupported(config: dict, supported: set[str], inert: dict, model: str) -> dict:
-    """Checks config keys: returns {key: value} of supported keys. `inert` maps keys we accept only with a
-    value that changes nothing (key -> allowed value or tuple of allowed values)."""
-    kept = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if key in supported:
-            kept[key] = value
-        elif key in inert:
-            allowed = inert[key] if isinstance(inert[key], tuple) else (inert[key],)
-            if value not in allowed:
-                raise ValueError(f"{model} config has {key}={value!r}, which t2i_flax does not support "
-                                 f"(supported: {' or '.join(repr(a) for a in allowed)}); only SD 1.x/2.x models are")
-        else:
-            raise ValueError(f"{model} config key {key!r} (={value!r}) is not supported by t2i_flax; "
-                             f"only SD 1.x/2.x models are")
-    return kept

@@ -26,9 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from t2i_flax.models.base import PretrainedMixin, reject_unsupported
-
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+from t2i_flax.models.attention import check_implementation, dot_product_attention
+from t2i_flax.models.base import PretrainedMixin
 
 
 def quick_gelu(x):
@@ -70,7 +69,7 @@ _IRRELEVANT_KEYS = frozenset({
 })
 # Keys accepted only with a value that changes nothing here.
 _INERT_KEYS = {
-    "model_type": "clip_text_model",
+    "model_type": ("clip_text_model",),
     "architectures": (None, ["CLIPTextModel"]),
     "pruned_heads": ({}, None),
 }
@@ -95,27 +94,42 @@ def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
-class FlaxCLIPAttention(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class _TextSettings:
+    """The fields of FlaxCLIPTextModel that its submodules need (a plain value, not a Module)."""
+
+    vocab_size: int
     hidden_size: int
-    num_heads: int
-    dropout: float = 0.0
-    num_layers: int = 1
-    initializer_factor: float = 1.0
-    attention: str | None = None
-    dtype: Any = jnp.float32
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    hidden_act: str
+    layer_norm_eps: float
+    attention_dropout: float
+    initializer_factor: float
+    eos_token_id: int
+    dtype: Any
+    attention: str | None
+
+
+class FlaxCLIPAttention(nn.Module):
+    config: _TextSettings
 
     @nn.compact
     def __call__(self, hidden_states, padding_mask=None, train: bool = False):
+        c = self.config
         batch, seq, _ = hidden_states.shape
-        head_dim = self.hidden_size // self.num_heads
-        in_std = self.hidden_size ** -0.5 * (2 * self.num_layers) ** -0.5 * self.initializer_factor
-        out_std = self.hidden_size ** -0.5 * self.initializer_factor
-        # (B, S, hidden) -> (B, S, heads, head_dim)
-        q = _dense(self.hidden_size, in_std, self.dtype, "q_proj")(hidden_states).reshape(batch, seq, self.num_heads, head_dim)
-        k = _dense(self.hidden_size, in_std, self.dtype, "k_proj")(hidden_states).reshape(batch, seq, self.num_heads, head_dim)
-        v = _dense(self.hidden_size, in_std, self.dtype, "v_proj")(hidden_states).reshape(batch, seq, self.num_heads, head_dim)
+        head_dim = c.hidden_size // c.num_attention_heads
+        in_std = c.hidden_size ** -0.5 * (2 * c.num_hidden_layers) ** -0.5 * c.initializer_factor
+        out_std = c.hidden_size ** -0.5 * c.initializer_factor
 
-        if train and self.dropout > 0.0:
+        def proj(name):  # (B, S, hidden) -> (B, S, heads, head_dim)
+            return _dense(c.hidden_size, in_std, c.dtype, name)(hidden_states).reshape(
+                batch, seq, c.num_attention_heads, head_dim)
+
+        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        if train and c.attention_dropout > 0.0:
             # jax.nn.dot_product_attention has no dropout on the probabilities: spell it out.
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
             allowed = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
@@ -123,99 +137,74 @@ class FlaxCLIPAttention(nn.Module):
                 allowed = allowed & padding_mask
             logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-            probs = nn.Dropout(rate=self.dropout)(probs, deterministic=False)
+            probs = nn.Dropout(rate=c.attention_dropout)(probs, deterministic=False)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=padding_mask, is_causal=True,
-                                               implementation=self.attention)
+            out = dot_product_attention(q, k, v, c.attention, mask=padding_mask, is_causal=True)
         if padding_mask is not None:
             # A query with no key to attend to (left padding: causal + padded keys) gets a zero output,
             # as transformers' default SDPA path (torch >= 2.5) gives; the XLA softmax would average all keys.
             has_key = jnp.cumsum(padding_mask[:, 0, 0, :].astype(jnp.int32), axis=-1) > 0  # (B, T)
             out = out * has_key[:, :, None, None].astype(out.dtype)
-        out = out.reshape(batch, seq, self.hidden_size)
-        return _dense(self.hidden_size, out_std, self.dtype, "out_proj")(out)
+        out = out.reshape(batch, seq, c.hidden_size)
+        return _dense(c.hidden_size, out_std, c.dtype, "out_proj")(out)
 
 
 class FlaxCLIPMLP(nn.Module):
-    hidden_size: int
-    intermediate_size: int
-    hidden_act: str = "quick_gelu"
-    num_layers: int = 1
-    initializer_factor: float = 1.0
-    dtype: Any = jnp.float32
+    config: _TextSettings
 
     @nn.compact
     def __call__(self, hidden_states):
-        fc1_std = (2 * self.hidden_size) ** -0.5 * self.initializer_factor
-        fc2_std = self.hidden_size ** -0.5 * (2 * self.num_layers) ** -0.5 * self.initializer_factor
-        h = _dense(self.intermediate_size, fc1_std, self.dtype, "fc1")(hidden_states)
-        h = ACTIVATIONS[self.hidden_act](h)
-        return _dense(self.hidden_size, fc2_std, self.dtype, "fc2")(h)
+        c = self.config
+        fc1_std = (2 * c.hidden_size) ** -0.5 * c.initializer_factor
+        fc2_std = c.hidden_size ** -0.5 * (2 * c.num_hidden_layers) ** -0.5 * c.initializer_factor
+        h = _dense(c.intermediate_size, fc1_std, c.dtype, "fc1")(hidden_states)
+        h = ACTIVATIONS[c.hidden_act](h)
+        return _dense(c.hidden_size, fc2_std, c.dtype, "fc2")(h)
 
 
 class FlaxCLIPEncoderLayer(nn.Module):
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    hidden_act: str
-    layer_norm_eps: float
-    attention_dropout: float = 0.0
-    num_layers: int = 1
-    initializer_factor: float = 1.0
-    attention: str | None = None
-    dtype: Any = jnp.float32
+    config: _TextSettings
 
     @nn.compact
     def __call__(self, hidden_states, padding_mask=None, train: bool = False):
-        h = _layer_norm(self.layer_norm_eps, self.dtype, "layer_norm1")(hidden_states)
-        h = FlaxCLIPAttention(self.hidden_size, self.num_heads, self.attention_dropout, self.num_layers,
-                              self.initializer_factor, self.attention, self.dtype, name="self_attn")(
-            h, padding_mask, train)
-        hidden_states = hidden_states + h
-        h = _layer_norm(self.layer_norm_eps, self.dtype, "layer_norm2")(hidden_states)
-        h = FlaxCLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.num_layers,
-                        self.initializer_factor, self.dtype, name="mlp")(h)
-        return hidden_states + h
+        c = self.config
+        h = _layer_norm(c.layer_norm_eps, c.dtype, "layer_norm1")(hidden_states)
+        hidden_states = hidden_states + FlaxCLIPAttention(c, name="self_attn")(h, padding_mask, train)
+        h = _layer_norm(c.layer_norm_eps, c.dtype, "layer_norm2")(hidden_states)
+        return hidden_states + FlaxCLIPMLP(c, name="mlp")(h)
 
 
 class FlaxCLIPLayerCollection(nn.Module):
     """Holds the layers as children named "0", "1", ... (transformers' Flax naming: `layers/0`)."""
 
-    layer_kwargs: dict
-    num_layers: int
+    config: _TextSettings
 
     @nn.compact
     def __call__(self, hidden_states, padding_mask=None, train: bool = False):
-        for i in range(self.num_layers):
-            hidden_states = FlaxCLIPEncoderLayer(**self.layer_kwargs, num_layers=self.num_layers, name=str(i))(
-                hidden_states, padding_mask, train)
+        for i in range(self.config.num_hidden_layers):
+            hidden_states = FlaxCLIPEncoderLayer(self.config, name=str(i))(hidden_states, padding_mask, train)
         return hidden_states
 
 
 class FlaxCLIPEncoder(nn.Module):
-    layer_kwargs: dict
-    num_layers: int
+    config: _TextSettings
 
     @nn.compact
     def __call__(self, hidden_states, padding_mask=None, train: bool = False):
-        return FlaxCLIPLayerCollection(self.layer_kwargs, self.num_layers, name="layers")(
-            hidden_states, padding_mask, train)
+        return FlaxCLIPLayerCollection(self.config, name="layers")(hidden_states, padding_mask, train)
 
 
 class FlaxCLIPTextEmbeddings(nn.Module):
-    vocab_size: int
-    max_position_embeddings: int
-    hidden_size: int
-    initializer_factor: float = 1.0
-    dtype: Any = jnp.float32
+    config: _TextSettings
 
     @nn.compact
     def __call__(self, input_ids, position_ids):
-        init = nn.initializers.normal(0.02 * self.initializer_factor)
-        tokens = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+        c = self.config
+        init = nn.initializers.normal(0.02 * c.initializer_factor)
+        tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32,
                           embedding_init=init, name="token_embedding")(input_ids)
-        positions = nn.Embed(self.max_position_embeddings, self.hidden_size, dtype=self.dtype,
+        positions = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=c.dtype,
                              param_dtype=jnp.float32, embedding_init=init, name="position_embedding")(position_ids)
         return tokens + positions
 
@@ -249,34 +238,28 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
 
     weights_name = "model.safetensors"
     legacy_weights_name = "flax_model.msgpack"
-    config_name = "config.json"
     # transformers 4.x (all SD hub checkpoints) prefixes every tensor key with this; transformers 5's
     # CLIPTextModel.save_pretrained writes the keys without it (and loads both).
     base_model_prefix = "text_model"
-
-    _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
-                    "attention_dropout", "initializer_range", "initializer_factor", "pad_token_id",
-                    "bos_token_id", "eos_token_id")
+    model_name = "CLIP text encoder"
+    config_off = _INERT_KEYS
+    config_ignored = _IRRELEVANT_KEYS
+    # config.json that transformers 5 `CLIPTextModel.from_pretrained` loads into the same model
+    # (the parameters, what save_pretrained writes, are float32)
+    config_extra = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "dtype": "float32"}
 
     # -- config -------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, attention: str | None = None) -> "FlaxCLIPTextModel":
-        """A transformers `CLIPTextConfig` dict (config.json) -> module. Raises ValueError naming any
-        key or value we cannot honour (wrong model_type, unsupported hidden_act, ...)."""
-        relevant = {k: v for k, v in config.items() if k not in _IRRELEVANT_KEYS}
-        kept = reject_unsupported(relevant, set(cls._CONFIG_KEYS), _INERT_KEYS, "CLIP text encoder")
-        eos = kept.get("eos_token_id", 49407)
+    def normalize_config(cls, kwargs: dict) -> dict:
+        eos = kwargs.get("eos_token_id", 49407)
         if isinstance(eos, (list, tuple)):
             if len(eos) != 1:
-                raise ValueError(f"CLIP text encoder config has eos_token_id={eos!r}; t2i_flax supports one id")
-            kept["eos_token_id"] = eos[0]
-        if kept.get("attention_dropout", 0.0) is None:
-            kept["attention_dropout"] = 0.0
-        module = cls(**kept, dtype=dtype, attention=attention)
-        module.validate()
-        return module
+                raise ValueError(f"CLIP text encoder config has eos_token_id={list(eos)!r}; t2i_flax supports one id")
+            kwargs["eos_token_id"] = eos[0]
+        if kwargs.get("attention_dropout", 0.0) is None:
+            kwargs["attention_dropout"] = 0.0
+        return kwargs
 
     def validate(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
@@ -289,16 +272,7 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
             raise ValueError("CLIP text encoder config has layer_norm_eps=None; a number is needed")
         if self.eos_token_id is None:
             raise ValueError("CLIP text encoder config has eos_token_id=None; it is needed for pooler_output")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention implementation {self.attention!r} is not supported; "
-                             f"use one of {ATTENTION_IMPLEMENTATIONS}")
-
-    def to_config(self) -> dict:
-        """config.json that transformers 5 `CLIPTextModel.from_pretrained` loads into the same model."""
-        config = {key: getattr(self, key) for key in self._CONFIG_KEYS}
-        config.update(architectures=["CLIPTextModel"], model_type="clip_text_model",
-                      dtype="float32")  # the parameters (what save_pretrained writes) are float32
-        return config
+        check_implementation(self.attention)
 
     def dummy_inputs(self) -> tuple:
         return (jnp.zeros((1, self.max_position_embeddings), jnp.int32),)
@@ -312,25 +286,6 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
         settings = _TextSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(_TextSettings)})
         return FlaxCLIPTextTransformer(settings, name="text_model")(
             input_ids, attention_mask, position_ids, train, return_dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TextSettings:
-    """The fields of FlaxCLIPTextModel that FlaxCLIPTextTransformer needs (a plain value, not a Module)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    max_position_embeddings: int
-    hidden_act: str
-    layer_norm_eps: float
-    attention_dropout: float
-    initializer_factor: float
-    eos_token_id: int
-    dtype: Any
-    attention: str | None
 
 
 class FlaxCLIPTextTransformer(nn.Module):
@@ -349,21 +304,14 @@ class FlaxCLIPTextTransformer(nn.Module):
             raise ValueError(f"sequence length {seq} exceeds max_position_embeddings={c.max_position_embeddings}")
         if position_ids is None:
             position_ids = jnp.arange(seq, dtype=jnp.int32)[None, :]
-        hidden_states = FlaxCLIPTextEmbeddings(c.vocab_size, c.max_position_embeddings, c.hidden_size,
-                                               c.initializer_factor, c.dtype, name="embeddings")(
-            input_ids, position_ids)
+        hidden_states = FlaxCLIPTextEmbeddings(c, name="embeddings")(input_ids, position_ids)
 
         padding_mask = None
         if attention_mask is not None:
             # (B, S) with 1 = attend -> (B, 1, 1, S) boolean, broadcast over heads and queries.
             padding_mask = jnp.asarray(attention_mask).reshape(-1, seq).astype(bool)[:, None, None, :]
 
-        layer_kwargs = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                            num_heads=c.num_attention_heads, hidden_act=c.hidden_act,
-                            layer_norm_eps=c.layer_norm_eps, attention_dropout=c.attention_dropout,
-                            initializer_factor=c.initializer_factor, attention=c.attention, dtype=c.dtype)
-        hidden_states = FlaxCLIPEncoder(layer_kwargs, c.num_hidden_layers, name="encoder")(
-            hidden_states, padding_mask, train)
+        hidden_states = FlaxCLIPEncoder(c, name="encoder")(hidden_states, padding_mask, train)
         last_hidden_state = _layer_norm(c.layer_norm_eps, c.dtype, "final_layer_norm")(hidden_states)
 
         if c.eos_token_id == 2:

@@ -7,14 +7,14 @@ API: NCHW in and out (as diffusers); convolutions run NHWC inside.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from t2i_flax.models.attention import FlaxTransformer2DModel
-from t2i_flax.models.base import PretrainedMixin
+from t2i_flax.models.attention import FlaxTransformer2DModel, check_implementation
+from t2i_flax.models.base import PretrainedMixin, _jsonable
 from t2i_flax.models.resnet import FlaxDownsample2D, FlaxResnetBlock2D, FlaxUpsample2D
 
 # Keys written by diffusers' EMAModel.save_pretrained into an EMA UNet's config.json: bookkeeping of
@@ -22,51 +22,6 @@ from t2i_flax.models.resnet import FlaxDownsample2D, FlaxResnetBlock2D, FlaxUpsa
 EMA_CONFIG_KEYS = frozenset(
     {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
 )
-
-
-def check_config(class_name: str, config: dict, supported: Sequence[str], off: dict[str, Any],
-                 ignored: frozenset = frozenset()) -> dict:
-    """Split a diffusers config dict into constructor kwargs; raise ValueError on anything unsupported.
-
-    ``supported``: keys that become module fields. ``off``: key -> predicate(value) or the tuple of
-    values that mean "feature off / default" (accepted, not stored). ``ignored``: keys without effect
-    on the network. Keys starting with ``_`` (``_class_name``, ``_diffusers_version``...) are skipped.
-    """
-    kwargs = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if key in supported:
-            kwargs[key] = value
-        elif key in off:
-            allowed = off[key]
-            if callable(allowed) and not allowed(value):
-                raise ValueError(f"{class_name} config {key}={value!r} is not supported by t2i_flax; "
-                                 "this model is not supported")
-            if not callable(allowed) and value not in allowed:
-                raise ValueError(f"{class_name} config {key}={value!r} is not supported by t2i_flax (supported: "
-                                 f"{' or '.join(repr(a) for a in allowed)}); this model is not supported")
-        elif key in ignored:
-            continue
-        else:
-            raise ValueError(
-                f"{class_name} config has unknown key {key!r} (value {value!r}); "
-                "this model is not supported by t2i_flax"
-            )
-    return kwargs
-
-
-def _tuple(value):
-    """JSON lists -> tuples (hashable module fields); nested lists too; scalars unchanged."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuple(v) for v in value)
-    return value
-
-
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _per_block(value, n: int, name: str) -> tuple:
@@ -156,34 +111,21 @@ class _UNetBlock(nn.Module):
 
 
 class FlaxDownBlock2D(_UNetBlock):
-    """``resnets_N`` (+ ``downsamplers_0``); returns (hidden, skip states)."""
+    """``resnets_N`` (each followed by ``attentions_N`` with ``has_attention``, diffusers'
+    ``CrossAttnDownBlock2D``) (+ ``downsamplers_0``); returns (hidden, skip states)."""
 
+    has_attention: bool = False
     add_downsample: bool = True
     downsample_padding: int = 1
 
     @nn.compact
-    def __call__(self, hidden_states, temb, deterministic: bool = True):
+    def __call__(self, hidden_states, temb, encoder_hidden_states=None, deterministic: bool = True):
         output_states = ()
         for i in range(self.num_layers):
             hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
-            output_states += (hidden_states,)
-        if self.add_downsample:
-            hidden_states = FlaxDownsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                                             name="downsamplers_0")(hidden_states)
-            output_states += (hidden_states,)
-        return hidden_states, output_states
-
-
-class FlaxCrossAttnDownBlock2D(FlaxDownBlock2D):
-    """``resnets_N`` / ``attentions_N`` pairs (+ ``downsamplers_0``)."""
-
-    @nn.compact
-    def __call__(self, hidden_states, temb, encoder_hidden_states, deterministic: bool = True):
-        output_states = ()
-        for i in range(self.num_layers):
-            hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
-            hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
-                                                                   deterministic=deterministic)
+            if self.has_attention:
+                hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
+                                                                       deterministic=deterministic)
             output_states += (hidden_states,)
         if self.add_downsample:
             hidden_states = FlaxDownsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
@@ -210,35 +152,22 @@ class FlaxUNetMidBlock2DCrossAttn(_UNetBlock):
 
 
 class FlaxUpBlock2D(_UNetBlock):
-    """``resnets_N`` over [hidden, skip] concatenations (+ ``upsamplers_0``)."""
+    """``resnets_N`` over [hidden, skip] concatenations (each followed by ``attentions_N`` with
+    ``has_attention``, diffusers' ``CrossAttnUpBlock2D``) (+ ``upsamplers_0``)."""
 
+    has_attention: bool = False
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, hidden_states, res_hidden_states_tuple, temb, upsample_size=None,
+    def __call__(self, hidden_states, res_hidden_states_tuple, temb, encoder_hidden_states=None, upsample_size=None,
                  deterministic: bool = True):
         for i in range(self.num_layers):
             res_hidden_states, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
             hidden_states = jnp.concatenate([hidden_states, res_hidden_states], axis=-1)
             hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
-        if self.add_upsample:
-            hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
-                hidden_states, upsample_size)
-        return hidden_states
-
-
-class FlaxCrossAttnUpBlock2D(FlaxUpBlock2D):
-    """``resnets_N`` / ``attentions_N`` pairs over [hidden, skip] concatenations (+ ``upsamplers_0``)."""
-
-    @nn.compact
-    def __call__(self, hidden_states, res_hidden_states_tuple, temb, encoder_hidden_states, upsample_size=None,
-                 deterministic: bool = True):
-        for i in range(self.num_layers):
-            res_hidden_states, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
-            hidden_states = jnp.concatenate([hidden_states, res_hidden_states], axis=-1)
-            hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
-            hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
-                                                                   deterministic=deterministic)
+            if self.has_attention:
+                hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
+                                                                       deterministic=deterministic)
         if self.add_upsample:
             hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
                 hidden_states, upsample_size)
@@ -368,22 +297,10 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
 
     weights_name = "diffusion_pytorch_model.safetensors"
     legacy_weights_name = "diffusion_flax_model.msgpack"
-    config_name = "config.json"
-    diffusers_class_name = "UNet2DConditionModel"
-
-    # ------------------------------------------------------------------ config
-    @classmethod
-    def config_keys(cls) -> tuple[str, ...]:
-        return tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "attention", "parent", "name"))
-
-    @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, attention=None) -> "FlaxUNet2DConditionModel":
-        """Build from a diffusers ``UNet2DConditionModel`` config dict; ValueError on anything unsupported."""
-        kwargs = check_config(cls.diffusers_class_name, config, cls.config_keys(), _UNET_OFF, EMA_CONFIG_KEYS)
-        kwargs = {k: _tuple(v) for k, v in kwargs.items()}
-        module = cls(**kwargs, dtype=dtype, attention=attention)
-        module.validate()
-        return module
+    model_name = "UNet2DConditionModel"
+    config_off = _UNET_OFF
+    config_ignored = EMA_CONFIG_KEYS
+    config_extra = {"_class_name": model_name, **_UNET_OFF_DEFAULTS}
 
     def validate(self) -> None:
         """Raise ValueError for config values this implementation cannot run."""
@@ -404,8 +321,7 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
             )
         if self.norm_num_groups is None:
             raise ValueError("UNet2DConditionModel config norm_num_groups=None is not supported by t2i_flax")
-        if self.attention not in (None, "xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: use None, 'xla' or 'cudnn'")
+        check_implementation(self.attention)
         tlpb = self.transformer_layers_per_block
         if any(not isinstance(d, int) for d in (tlpb if isinstance(tlpb, (list, tuple)) else (tlpb,))):
             raise ValueError(
@@ -424,10 +340,7 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
 
     def to_config(self) -> dict:
         """diffusers ``config.json`` content that rebuilds this network in diffusers."""
-        config = {"_class_name": self.diffusers_class_name}
-        for key in self.config_keys():
-            config[key] = _jsonable(getattr(self, key))
-        config.update(_UNET_OFF_DEFAULTS)
+        config = super().to_config()
         if self.num_attention_heads is not None:
             # diffusers 0.42 refuses num_attention_heads; attention_head_dim carries the head count
             heads = self.heads_per_block()
@@ -483,14 +396,12 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         res_samples = (sample,)
         for i, block_type in enumerate(self.down_block_types):
             block_type = _block_type("down_block_types", block_type, DOWN_BLOCK_TYPES)
-            kwargs = dict(out_channels=boc[i], num_layers=layers[i], add_downsample=i < n_blocks - 1,
-                          downsample_padding=self.downsample_padding, name=f"down_blocks_{i}", **common)
-            if block_type == "CrossAttnDownBlock2D":
-                block = FlaxCrossAttnDownBlock2D(num_attention_heads=heads[i], transformer_layers=transformer_layers[i],
-                                                 only_cross_attention=only_cross[i], **attn_common, **kwargs)
-                sample, skips = block(sample, emb, encoder_hidden_states, deterministic=deterministic)
-            else:
-                sample, skips = FlaxDownBlock2D(**kwargs)(sample, emb, deterministic=deterministic)
+            sample, skips = FlaxDownBlock2D(
+                out_channels=boc[i], num_layers=layers[i], has_attention=block_type == "CrossAttnDownBlock2D",
+                add_downsample=i < n_blocks - 1, downsample_padding=self.downsample_padding,
+                num_attention_heads=heads[i], transformer_layers=transformer_layers[i],
+                only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **attn_common, **common,
+            )(sample, emb, encoder_hidden_states, deterministic=deterministic)
             res_samples += skips
 
         # 4. mid
@@ -509,15 +420,12 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
             skips, res_samples = res_samples[-n_res:], res_samples[:-n_res]
             is_final = i == n_blocks - 1
             upsample_size = tuple(res_samples[-1].shape[1:3]) if (forward_upsample_size and not is_final) else None
-            kwargs = dict(out_channels=boc[::-1][i], num_layers=n_res, add_upsample=not is_final,
-                          name=f"up_blocks_{i}", **common)
-            if block_type == "CrossAttnUpBlock2D":
-                sample = FlaxCrossAttnUpBlock2D(
-                    num_attention_heads=rev_heads[i], transformer_layers=rev_transformer_layers[i],
-                    only_cross_attention=rev_only_cross[i], **attn_common, **kwargs,
-                )(sample, skips, emb, encoder_hidden_states, upsample_size, deterministic=deterministic)
-            else:
-                sample = FlaxUpBlock2D(**kwargs)(sample, skips, emb, upsample_size, deterministic=deterministic)
+            sample = FlaxUpBlock2D(
+                out_channels=boc[::-1][i], num_layers=n_res, has_attention=block_type == "CrossAttnUpBlock2D",
+                add_upsample=not is_final, num_attention_heads=rev_heads[i],
+                transformer_layers=rev_transformer_layers[i], only_cross_attention=rev_only_cross[i],
+                name=f"up_blocks_{i}", **attn_common, **common,
+            )(sample, skips, emb, encoder_hidden_states, upsample_size, deterministic=deterministic)
 
         # 6. post-process
         sample = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
@@ -536,13 +444,10 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
 __all__ = [
     "FlaxUNet2DConditionModel",
     "FlaxUNet2DConditionOutput",
-    "FlaxCrossAttnDownBlock2D",
     "FlaxDownBlock2D",
     "FlaxUNetMidBlock2DCrossAttn",
-    "FlaxCrossAttnUpBlock2D",
     "FlaxUpBlock2D",
     "FlaxTimestepEmbedding",
     "get_timestep_embedding",
     "broadcast_timesteps",
-    "check_config",
 ]

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from t2i_flax.models.attention import dot_product_attention
 from t2i_flax.models.base import PretrainedMixin
 from t2i_flax.models.resnet import FlaxDownsample2D, FlaxResnetBlock2D, FlaxUpsample2D
-from t2i_flax.models.unet import _jsonable, _tuple, check_config
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code eps=1e-6 for every norm
 
@@ -65,6 +64,11 @@ class FlaxDecoderOutput:
     sample: jnp.ndarray
 
 
+def _resnet(channels: int, num_groups: int, dtype, name: str) -> FlaxResnetBlock2D:
+    """The VAE's resnets: no time embedding, eps 1e-6."""
+    return FlaxResnetBlock2D(channels, temb_channels=None, groups=num_groups, eps=VAE_EPS, dtype=dtype, name=name)
+
+
 class FlaxVAEAttentionBlock(nn.Module):
     """Spatial self-attention with residual: ``group_norm``, ``query``/``key``/``value``/``proj_attn`` (with bias).
 
@@ -107,87 +111,37 @@ class FlaxVAEMidBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states):
-        def resnet(name):
-            return FlaxResnetBlock2D(self.channels, temb_channels=None, groups=self.num_groups, eps=VAE_EPS,
-                                     dtype=self.dtype, name=name)
-
-        hidden_states = resnet("resnets_0")(hidden_states)
+        hidden_states = _resnet(self.channels, self.num_groups, self.dtype, "resnets_0")(hidden_states)
         if self.add_attention:
             hidden_states = FlaxVAEAttentionBlock(self.channels, num_groups=self.num_groups, attention=self.attention,
                                                   dtype=self.dtype, name="attentions_0")(hidden_states)
-        return resnet("resnets_1")(hidden_states)
+        return _resnet(self.channels, self.num_groups, self.dtype, "resnets_1")(hidden_states)
 
 
-class FlaxEncoder(nn.Module):
-    """``conv_in`` -> ``down_blocks_N`` (``resnets_M``, ``downsamplers_0``) -> ``mid_block`` ->
-    ``conv_norm_out`` -> SiLU -> ``conv_out`` (2 x latent channels: mean and logvar). NHWC."""
-
-    out_channels: int
-    block_out_channels: tuple
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    mid_block_add_attention: bool = True
-    attention: str | None = None
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, sample):
-        boc = self.block_out_channels
-        conv = dict(kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
-        sample = nn.Conv(boc[0], **conv, name="conv_in")(sample)
-        for i, channels in enumerate(boc):
-            sample = _EncoderDownBlock(channels, self.layers_per_block, self.norm_num_groups,
-                                       add_downsample=i < len(boc) - 1, dtype=self.dtype,
-                                       name=f"down_blocks_{i}")(sample)
-        sample = FlaxVAEMidBlock2D(boc[-1], self.norm_num_groups, self.mid_block_add_attention,
-                                   attention=self.attention, dtype=self.dtype, name="mid_block")(sample)
-        sample = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=VAE_EPS, dtype=self.dtype,
-                              name="conv_norm_out")(sample)
-        sample = nn.silu(sample)
-        return nn.Conv(2 * self.out_channels, **conv, name="conv_out")(sample)
-
-
-class _EncoderDownBlock(nn.Module):
-    """diffusers ``DownEncoderBlock2D``: ``resnets_N`` then a (0,1)-padded stride-2 conv ``downsamplers_0``."""
+class _VAEBlock(nn.Module):
+    """``resnets_N``, then with ``sampler='down'`` diffusers' ``DownEncoderBlock2D``'s (0,1)-padded stride-2
+    conv ``downsamplers_0``, with ``sampler='up'`` ``UpDecoderBlock2D``'s nearest x2 + conv ``upsamplers_0``."""
 
     out_channels: int
     num_layers: int
     num_groups: int
-    add_downsample: bool = True
+    sampler: str | None = None  # None, "down" or "up"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, hidden_states):
         for j in range(self.num_layers):
-            hidden_states = FlaxResnetBlock2D(self.out_channels, temb_channels=None, groups=self.num_groups,
-                                              eps=VAE_EPS, dtype=self.dtype, name=f"resnets_{j}")(hidden_states)
-        if self.add_downsample:
+            hidden_states = _resnet(self.out_channels, self.num_groups, self.dtype, f"resnets_{j}")(hidden_states)
+        if self.sampler == "down":
             hidden_states = FlaxDownsample2D(self.out_channels, padding=0, dtype=self.dtype,
                                              name="downsamplers_0")(hidden_states)
-        return hidden_states
-
-
-class _DecoderUpBlock(nn.Module):
-    """diffusers ``UpDecoderBlock2D``: ``resnets_N`` then nearest x2 + conv ``upsamplers_0``."""
-
-    out_channels: int
-    num_layers: int
-    num_groups: int
-    add_upsample: bool = True
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden_states):
-        for j in range(self.num_layers):
-            hidden_states = FlaxResnetBlock2D(self.out_channels, temb_channels=None, groups=self.num_groups,
-                                              eps=VAE_EPS, dtype=self.dtype, name=f"resnets_{j}")(hidden_states)
-        if self.add_upsample:
+        elif self.sampler == "up":
             hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(hidden_states)
         return hidden_states
 
 
-class FlaxDecoder(nn.Module):
-    """``conv_in`` -> ``mid_block`` -> ``up_blocks_N`` -> ``conv_norm_out`` -> SiLU -> ``conv_out``. NHWC."""
+class _VAECoder(nn.Module):
+    """Fields and layers shared by FlaxEncoder and FlaxDecoder (NHWC)."""
 
     out_channels: int
     block_out_channels: tuple
@@ -197,24 +151,48 @@ class FlaxDecoder(nn.Module):
     attention: str | None = None
     dtype: jnp.dtype = jnp.float32
 
+    def _conv(self, features: int, name: str) -> nn.Conv:
+        return nn.Conv(features, kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=name)
+
+    def _mid_block(self, sample):
+        return FlaxVAEMidBlock2D(self.block_out_channels[-1], self.norm_num_groups, self.mid_block_add_attention,
+                                 attention=self.attention, dtype=self.dtype, name="mid_block")(sample)
+
+    def _blocks(self, sample, channels, num_layers: int, sampler: str, prefix: str):
+        for i, c in enumerate(channels):
+            sample = _VAEBlock(c, num_layers, self.norm_num_groups, sampler=sampler if i < len(channels) - 1 else None,
+                               dtype=self.dtype, name=f"{prefix}_{i}")(sample)
+        return sample
+
+    def _head(self, sample, features: int):
+        """``conv_norm_out`` -> SiLU -> ``conv_out``."""
+        sample = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=VAE_EPS, dtype=self.dtype,
+                              name="conv_norm_out")(sample)
+        return self._conv(features, "conv_out")(nn.silu(sample))
+
+
+class FlaxEncoder(_VAECoder):
+    """``conv_in`` -> ``down_blocks_N`` (``resnets_M``, ``downsamplers_0``) -> ``mid_block`` ->
+    ``conv_norm_out`` -> SiLU -> ``conv_out`` (2 x latent channels: mean and logvar). NHWC."""
+
     @nn.compact
     def __call__(self, sample):
         boc = self.block_out_channels
-        conv = dict(kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
-        sample = nn.Conv(boc[-1], **conv, name="conv_in")(sample)
-        sample = FlaxVAEMidBlock2D(boc[-1], self.norm_num_groups, self.mid_block_add_attention,
-                                   attention=self.attention, dtype=self.dtype, name="mid_block")(sample)
-        for i, channels in enumerate(reversed(boc)):
-            sample = _DecoderUpBlock(channels, self.layers_per_block + 1, self.norm_num_groups,
-                                     add_upsample=i < len(boc) - 1, dtype=self.dtype, name=f"up_blocks_{i}")(sample)
-        sample = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=VAE_EPS, dtype=self.dtype,
-                              name="conv_norm_out")(sample)
-        sample = nn.silu(sample)
-        return nn.Conv(self.out_channels, **conv, name="conv_out")(sample)
+        sample = self._conv(boc[0], "conv_in")(sample)
+        sample = self._blocks(sample, boc, self.layers_per_block, "down", "down_blocks")
+        return self._head(self._mid_block(sample), 2 * self.out_channels)
 
 
-_VAE_OFF = {"act_fn": ("silu", "swish")}
-_VAE_OFF_DEFAULTS = {"act_fn": "silu"}
+class FlaxDecoder(_VAECoder):
+    """``conv_in`` -> ``mid_block`` -> ``up_blocks_N`` (``resnets_M``, ``upsamplers_0``) -> ``conv_norm_out``
+    -> SiLU -> ``conv_out``. NHWC."""
+
+    @nn.compact
+    def __call__(self, sample):
+        boc = self.block_out_channels
+        sample = self._mid_block(self._conv(boc[-1], "conv_in")(sample))
+        sample = self._blocks(sample, boc[::-1], self.layers_per_block + 1, "up", "up_blocks")
+        return self._head(sample, self.out_channels)
 
 
 class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
@@ -248,23 +226,11 @@ class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
 
     weights_name = "diffusion_pytorch_model.safetensors"
     legacy_weights_name = "diffusion_flax_model.msgpack"
-    config_name = "config.json"
-    diffusers_class_name = "AutoencoderKL"
+    model_name = "AutoencoderKL"
+    config_off = {"act_fn": ("silu", "swish")}
+    config_extra = {"_class_name": model_name, "act_fn": "silu"}
 
     # ------------------------------------------------------------------ config
-    @classmethod
-    def config_keys(cls) -> tuple[str, ...]:
-        return tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "attention", "parent", "name"))
-
-    @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, attention=None) -> "FlaxAutoencoderKL":
-        """Build from a diffusers ``AutoencoderKL`` config dict; ValueError on anything unsupported."""
-        kwargs = check_config(cls.diffusers_class_name, config, cls.config_keys(), _VAE_OFF)
-        kwargs = {k: _tuple(v) for k, v in kwargs.items()}
-        module = cls(**kwargs, dtype=dtype, attention=attention)
-        module.validate()
-        return module
-
     def validate(self) -> None:
         n = len(self.block_out_channels)
         for key, types, allowed in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
@@ -279,13 +245,6 @@ class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
                 raise ValueError(f"AutoencoderKL config needs one {key} entry per block_out_channels entry ({n})")
         if not isinstance(self.layers_per_block, int):
             raise ValueError(f"AutoencoderKL config layers_per_block={self.layers_per_block!r} must be an int")
-
-    def to_config(self) -> dict:
-        config = {"_class_name": self.diffusers_class_name}
-        for key in self.config_keys():
-            config[key] = _jsonable(getattr(self, key))
-        config.update(_VAE_OFF_DEFAULTS)
-        return config
 
     def dummy_inputs(self) -> tuple:
         """Smallest image batch for ``init``/``jax.eval_shape`` (runs encoder and decoder)."""
