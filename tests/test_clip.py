@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.activations import ACT2FN
 
+from oracle import rel_err
 from t2i_flax import weights
 from t2i_flax.models.clip import ACTIVATIONS, FlaxCLIPTextModel
 
@@ -21,11 +22,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
 REAL_EOS = 500  # a real id: sequences hold larger ids, so "first eos" and "argmax" pick different tokens
 F32_TOL = 1e-4  # max abs error / max abs torch output; measured ~5e-7 on CPU
 BF16_TOL = 5e-2  # bf16 compute (params float32, 8-bit mantissa activations); measured ~1.7e-2
-
-
-def rel_err(ours, theirs) -> float:
-    theirs = np.asarray(theirs, np.float32)
-    return float(np.abs(np.asarray(ours, np.float32) - theirs).max() / np.abs(theirs).max())
 
 
 def make_torch_model(hidden_act: str, eos_token_id: int, seed: int = 0, **overrides) -> CLIPTextModel:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from oracle import randomize_, rel_err
 from t2i_flax import weights
 from t2i_flax.models.unet import FlaxUNet2DConditionModel, broadcast_timesteps
 
@@ -45,23 +46,6 @@ EXTRAS = dict(  # the remaining supported knobs, on an odd 9x9 input (explicit u
     mid_block_scale_factor=0.5, center_input_sample=True, dropout=0.1, in_channels=3, out_channels=5,
 )
 CONFIGS = {"sd1": SD1, "sd2": SD2, "extras": EXTRAS}
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Perturb norm scales/shifts and biases so that no parameter keeps its trivial 1/0 init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith("bias"):
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-
-
-def rel_err(ours, reference) -> float:
-    ours = np.asarray(ours, dtype=np.float32)
-    assert ours.shape == reference.shape, (ours.shape, reference.shape)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 class Case:

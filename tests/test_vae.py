@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from oracle import randomize_, rel_err
 from t2i_flax import weights
 from t2i_flax.models.vae import FlaxAutoencoderKL, FlaxDiagonalGaussianDistribution
 
@@ -29,23 +30,11 @@ CONFIG = dict(
 )
 
 
-def rel_err(ours, reference) -> float:
-    ours = np.asarray(ours, dtype=np.float32)
-    assert ours.shape == reference.shape, (ours.shape, reference.shape)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
-
-
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
     torch.manual_seed(0)
     torch_model = AutoencoderKL(**CONFIG).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in torch_model.named_parameters():
-            if "norm" in name:
-                param.add_(0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith("bias"):
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    randomize_(torch_model, seed=1)
     folder = str(tmp_path_factory.mktemp("vae"))
     torch_model.save_pretrained(folder)
     module, params = FlaxAutoencoderKL.from_pretrained(folder)
