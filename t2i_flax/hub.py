@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from t2i_flax.errors import ModelError
+
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 # What training needs of a pipeline repo (not safety_checker/, feature_extractor/, ...).
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -12,7 +14,7 @@ LEGACY_WEIGHT_FILES = ("diffusion_flax_model", "flax_model")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(ModelError):
     """The model reference is neither a folder nor a reachable Hub repo."""
 
 
@@ -64,7 +66,8 @@ def _download(repo_id, subfolder, revision, variant, cache_dir, local_files_only
 
     # fnmatch's "*" also matches "/": name each component folder so nothing else is downloaded.
     prefixes = [f"{subfolder}/"] if subfolder else [""] + [f"{c}/" for c in PIPELINE_COMPONENTS]
-    base = ["model_index.json"] + [f"{p}{name}" for p in prefixes for name in ("*.json", "*.txt")]
+    # README.md: the base model's card, whose license the model card of a fine-tune repeats.
+    base = ["model_index.json", "README.md"] + [f"{p}{name}" for p in prefixes for name in ("*.json", "*.txt")]
     weights = [pattern for p in prefixes for pattern in _safetensors_patterns(p, variant)]
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     try:

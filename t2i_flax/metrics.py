@@ -3,7 +3,6 @@ no TensorFlow) and wandb when asked. Only process 0 writes."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -12,7 +11,8 @@ from tqdm.auto import tqdm
 
 class MetricsWriter:
     def __init__(self, output_dir: str, logging_dir: str, report_to: str, total_steps: int, initial_step: int = 0,
-                 run_config: dict | None = None, enabled: bool = True, images_per_step: int = 1):
+                 run_config: dict | None = None, enabled: bool = True, images_per_step: int = 1,
+                 append: bool = False):
         self.enabled = enabled
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
@@ -24,23 +24,18 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        # A resumed run continues the file; a new one starts it afresh.
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a" if append else "w")
         if report_to in ("tensorboard", "all"):
             from tensorboardX import SummaryWriter
 
             self.tensorboard = SummaryWriter(os.path.join(output_dir, logging_dir))
         if report_to in ("wandb", "all"):
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("--report_to wandb needs the wandb package: pip install wandb") from None
+            import wandb  # the command line checked that it is installed
             self.wandb = wandb.init(project="t2i_flax", config=run_config or {})
 
     def add(self, step: int, metrics: dict) -> None:
         """Values of one finished step (host floats)."""
-        loss = metrics["loss"]
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}: lower --learning_rate or check the data")
         for name, value in metrics.items():
             self._window.setdefault(name, []).append(float(value))
         self._window_steps += 1
@@ -65,6 +60,15 @@ class MetricsWriter:
             if self.wandb is not None:
                 self.wandb.log({f"train/{k}": v for k, v in averaged.items()}, step=step)
         return averaged
+
+    def add_image(self, step: int, name: str, image_HWC, caption: str) -> None:
+        """A uint8 (H, W, 3) image (a validation grid) to TensorBoard and wandb."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(name, image_HWC, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(image_HWC, caption=caption)}, step=step)
 
     def close(self) -> None:
         self.bar.close()

@@ -11,6 +11,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_flax.errors import ModelError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -60,27 +62,35 @@ def betas_for(config: dict) -> np.ndarray:
             return np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
         t = np.arange(steps, dtype=np.float64)
         return np.minimum(1 - alpha_bar((t + 1) / steps) / alpha_bar(t / steps), 0.999).astype(np.float32)
-    raise ValueError(f"scheduler config beta_schedule={kind!r} is not supported "
+    raise ModelError(f"scheduler config beta_schedule={kind!r} is not supported "
                      f"(use linear, scaled_linear or squaredcos_cap_v2)")
 
 
 def schedule_from_config(config: dict, prediction_type: str | None = None) -> NoiseSchedule:
     """`prediction_type` (the --prediction_type flag) overrides the config's."""
     if config.get("rescale_betas_zero_snr"):
-        raise ValueError("scheduler config rescale_betas_zero_snr=true is not supported by t2i_flax")
+        raise ModelError("scheduler config rescale_betas_zero_snr=true is not supported by t2i_flax")
     prediction = prediction_type or config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction!r} is not supported (use epsilon or v_prediction)")
-    alphas = 1.0 - betas_for(config)
-    return NoiseSchedule(np.cumprod(alphas, dtype=np.float32), prediction)
+        raise ModelError(f"prediction_type {prediction!r} is not supported (use epsilon or v_prediction)")
+    return NoiseSchedule(alphas_cumprod_for(config), prediction)
+
+
+def alphas_cumprod_for(config: dict) -> np.ndarray:
+    """float32 prod(1 - beta) over the schedule, accumulated in float64 as torch's CPU cumprod does (a
+    float32 cumprod drifts by ~1e-6 over 1000 factors, which the small sigmas near t = 0 magnify)."""
+    return np.cumprod((1.0 - betas_for(config)).astype(np.float64)).astype(np.float32)
 
 
 def read_scheduler_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{model_dir} has no scheduler/scheduler_config.json: is it a diffusers pipeline folder?")
-    with open(path) as handle:
-        return json.load(handle)
+        raise ModelError(f"{model_dir} has no scheduler/scheduler_config.json: is it a diffusers pipeline folder?")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from None
 
 
 def load_noise_schedule(model_dir: str, prediction_type: str | None = None) -> NoiseSchedule:

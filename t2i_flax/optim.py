@@ -1,6 +1,9 @@
-"""Optimizer: clip_by_global_norm then AdamW (no decay on biases and norm scales), with the learning
+"""Optimizer: clip_by_global_norm then AdamW, with the learning
 rate schedules diffusers names (`--lr_scheduler`), evaluated at the 0-based update count as torch's
-LambdaLR does (so with warmup the first update uses lr 0, as in the PyTorch script)."""
+LambdaLR does (so with warmup the first update uses lr 0, as in the PyTorch script).
+
+Weight decay applies to every parameter by default, as torch's AdamW in the PyTorch script and
+optax.adamw in the Flax script do; `decay_mask=True` exempts biases and norm scales."""
 from __future__ import annotations
 
 import math
@@ -50,8 +53,10 @@ def weight_decay_mask(params):
                                             params)
 
 
-def make_optimizer(schedule, beta1=0.9, beta2=0.999, weight_decay=1e-2, epsilon=1e-8, max_grad_norm=1.0):
+def make_optimizer(schedule, beta1=0.9, beta2=0.999, weight_decay=1e-2, epsilon=1e-8, max_grad_norm=1.0,
+                   decay_mask: bool = False):
     return optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(schedule, b1=beta1, b2=beta2, eps=epsilon, weight_decay=weight_decay, mask=weight_decay_mask),
+        optax.adamw(schedule, b1=beta1, b2=beta2, eps=epsilon, weight_decay=weight_decay,
+                    mask=weight_decay_mask if decay_mask else None),
     )

@@ -12,6 +12,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from t2i_flax.errors import FlagError
+
 BATCH_AXES = ("data", "fsdp")
 
 # (regex on the "/"-joined path of a leaf, {ndim: PartitionSpec}); first match wins; no entry -> replicated.
@@ -28,7 +30,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     """All devices; `fsdp` of them along the "fsdp" axis, the rest along "data"."""
     devices = list(jax.devices() if devices is None else devices)
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"--fsdp {fsdp} must divide the device count {len(devices)}")
+        raise FlagError(f"--fsdp {fsdp} must divide the device count {len(devices)}")
     grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
     return Mesh(grid, BATCH_AXES)
 

@@ -4,7 +4,10 @@
 
 VAE encode -> posterior sample x scaling_factor -> noise (+ offset) and timesteps -> add_noise ->
 frozen CLIP last hidden state -> UNet -> float32 MSE against the config's target (noise or velocity)
--> clip + AdamW -> EMA. Frozen VAE/CLIP parameters are arguments, not closed-over constants."""
+-> clip + AdamW -> EMA. Frozen VAE/CLIP parameters are arguments, not closed-over constants.
+
+The pieces (`draw_randomness`, `encode_latents`, `text_embeddings`, `diffusion_loss`, `loss_and_grads`,
+`apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t2i_flax import sharding
+from t2i_flax import lora, sharding
 from t2i_flax.noise import NoiseSchedule
 
 # Independent random streams, each folded from (seed key, step): no key is used twice.
@@ -42,6 +45,9 @@ class StepConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     noise_offset: float = 0.0
+    # LoRA: the trained params are the adapters (t2i_flax/lora.py), the UNet is frozen["unet"]; None: the
+    # params are the UNet's own.
+    lora_scale: float | None = None
 
 
 def init_state(config: StepConfig, params, seed: int) -> TrainState:
@@ -51,45 +57,115 @@ def init_state(config: StepConfig, params, seed: int) -> TrainState:
                       rng=jax.random.PRNGKey(seed))
 
 
-def ema_decay_at(step, max_decay: float):
-    """diffusers' EMAModel warmup: min((1 + n) / (10 + n), max_decay) for the n-th update (0-based)."""
-    step = step.astype(jnp.float32)
-    return jnp.minimum((1.0 + step) / (10.0 + step), max_decay)
+def ema_decay_at(update_index, max_decay: float):
+    """diffusers' EMAModel decay for its n-th update (0-based): 0 for the first (the EMA becomes the
+    parameters), then min((1 + n) / (10 + n), max_decay): 2/11, 3/12, ..."""
+    n = jnp.asarray(update_index, jnp.float32)
+    return jnp.where(n == 0, 0.0, jnp.minimum((1.0 + n) / (10.0 + n), max_decay))
 
 
-def train_step(config: StepConfig, state: TrainState, frozen: dict, batch: dict):
-    step_key = jax.random.fold_in(state.rng, state.step)
-    key = lambda stream: jax.random.fold_in(step_key, stream)  # noqa: E731
+def step_key(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(state.rng, state.step)
 
-    vae, unet, schedule = config.vae, config.unet, config.noise_schedule
-    posterior = vae.apply({"params": frozen["vae"]}, batch["pixel_values"], method=vae.encode).latent_dist
-    latents = posterior.sample(key(STREAM_POSTERIOR)).astype(jnp.float32) * vae.scaling_factor  # (B, C, h, w)
-    noise = jax.random.normal(key(STREAM_NOISE), latents.shape, jnp.float32)
-    if config.noise_offset:  # per-sample, per-channel constant shift (the PyTorch script's --noise_offset)
-        noise = noise + config.noise_offset * jax.random.normal(
-            key(STREAM_NOISE_OFFSET), latents.shape[:2] + (1, 1), jnp.float32)
-    timesteps = jax.random.randint(key(STREAM_TIMESTEPS), (latents.shape[0],), 0, schedule.num_train_timesteps)
+
+def draw_randomness(key, latents_shape, num_train_timesteps: int) -> dict:
+    """Every random number one step uses, each from its own stream of the step's key: posterior_noise
+    (the VAE posterior sample's N(0, 1), like latents), noise (N(0, 1), like latents), offset_noise
+    (N(0, 1) per sample and channel, for --noise_offset), timesteps (B,) and the UNet's dropout key."""
+    stream = lambda index: jax.random.fold_in(key, index)  # noqa: E731
+    batch, channels = latents_shape[:2]
+    return {"posterior_noise": jax.random.normal(stream(STREAM_POSTERIOR), latents_shape, jnp.float32),
+            "noise": jax.random.normal(stream(STREAM_NOISE), latents_shape, jnp.float32),
+            "offset_noise": jax.random.normal(stream(STREAM_NOISE_OFFSET), (batch, channels, 1, 1), jnp.float32),
+            "timesteps": jax.random.randint(stream(STREAM_TIMESTEPS), (batch,), 0, num_train_timesteps),
+            "dropout_key": stream(STREAM_DROPOUT)}
+
+
+def latent_shape(config: StepConfig, pixel_values_shape) -> tuple[int, ...]:
+    factor = 2 ** (len(config.vae.block_out_channels) - 1)
+    batch, _, height, width = pixel_values_shape
+    return (batch, config.vae.latent_channels, height // factor, width // factor)
+
+
+def batch_latent_shape(config: StepConfig, batch: dict) -> tuple[int, ...]:
+    if "latent_mean" in batch:  # cached latents (--cache_latents): the stored posterior moments
+        return tuple(batch["latent_mean"].shape)
+    return latent_shape(config, batch["pixel_values"].shape)
+
+
+def batch_latents(config: StepConfig, frozen: dict, batch: dict, posterior_noise):
+    """The posterior sample x scaling_factor: from the images through the frozen VAE encoder, or from the
+    cached posterior moments (the same formula, the same noise; the VAE is not needed)."""
+    if "latent_mean" in batch:
+        sample = batch["latent_mean"].astype(jnp.float32) + batch["latent_std"].astype(jnp.float32) * posterior_noise
+        return sample * config.vae.scaling_factor
+    return encode_latents(config, frozen, batch["pixel_values"], posterior_noise)
+
+
+def posterior_moments(vae, vae_params, pixel_values):
+    """Images (B, 3, H, W) in [-1, 1] -> the VAE posterior's (mean, std), float32 (B, C, h, w)."""
+    posterior = vae.apply({"params": vae_params}, pixel_values, method=vae.encode).latent_dist
+    return posterior.mean.astype(jnp.float32), posterior.std.astype(jnp.float32)
+
+
+def encode_latents(config: StepConfig, frozen: dict, pixel_values, posterior_noise):
+    """Images (B, 3, H, W) in [-1, 1] -> a posterior sample x scaling_factor, float32 (B, C, h, w)."""
+    mean, std = posterior_moments(config.vae, frozen["vae"], pixel_values)
+    return (mean + std * posterior_noise) * config.vae.scaling_factor
+
+
+def text_embeddings(config: StepConfig, frozen: dict, input_ids):
+    """The frozen CLIP text encoder's last hidden state (B, L, D)."""
+    return config.text_encoder.apply({"params": frozen["text_encoder"]}, input_ids).last_hidden_state
+
+
+def predict(config: StepConfig, params, frozen: dict, noisy_latents, timesteps, encoder_hidden_states, dropout_key):
+    """The UNet's output: of the trained UNet params, or of the frozen UNet with the trained LoRA adapters."""
+    kwargs = dict(train=True, rngs={"dropout": dropout_key})
+    if config.lora_scale is None:
+        return config.unet.apply({"params": params}, noisy_latents, timesteps, encoder_hidden_states, **kwargs).sample
+    return lora.apply_unet(config.unet, frozen["unet"], params, config.lora_scale, noisy_latents, timesteps,
+                           encoder_hidden_states, **kwargs).sample
+
+
+def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hidden_states, randomness):
+    """Float32 MSE between the UNet's prediction on the noised latents and the schedule's target."""
+    schedule = config.noise_schedule
+    noise, timesteps = randomness["noise"], randomness["timesteps"]
+    if config.noise_offset:  # a per-sample, per-channel constant shift (the PyTorch script's --noise_offset)
+        noise = noise + config.noise_offset * randomness["offset_noise"]
     noisy_latents = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
-    encoder_hidden_states = config.text_encoder.apply(
-        {"params": frozen["text_encoder"]}, batch["input_ids"]).last_hidden_state
+    prediction = predict(config, params, frozen, noisy_latents, timesteps, encoder_hidden_states,
+                         randomness["dropout_key"])
+    return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
 
-    def loss_fn(params):
-        prediction = unet.apply({"params": params}, noisy_latents, timesteps, encoder_hidden_states, train=True,
-                                rngs={"dropout": key(STREAM_DROPOUT)}).sample
-        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):
+    """(loss, gradients w.r.t. the UNet params) of one batch with the step key `key`."""
+    randomness = draw_randomness(key, batch_latent_shape(config, batch), config.noise_schedule.num_train_timesteps)
+    latents = batch_latents(config, frozen, batch, randomness["posterior_noise"])
+    encoder_hidden_states = text_embeddings(config, frozen, batch["input_ids"])
+    return jax.value_and_grad(diffusion_loss, argnums=1)(config, params, frozen, latents, encoder_hidden_states,
+                                                         randomness)
+
+
+def apply_gradients(config: StepConfig, state: TrainState, grads) -> TrainState:
+    """Clip + AdamW (the optimizer chain), then the EMA update."""
     updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if config.use_ema:
         decay = ema_decay_at(state.step, config.ema_decay)
         ema_params = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+
+
+def train_step(config: StepConfig, state: TrainState, frozen: dict, batch: dict):
+    loss, grads = loss_and_grads(config, state.params, frozen, batch, step_key(state))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": jnp.asarray(config.learning_rate(state.step), jnp.float32)}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
-    return new_state, metrics
+    return apply_gradients(config, state, grads), metrics
 
 
 def state_shardings(config: StepConfig, mesh, params_shape, seed: int = 0):
@@ -97,9 +173,18 @@ def state_shardings(config: StepConfig, mesh, params_shape, seed: int = 0):
     return abstract, sharding.tree_shardings(mesh, abstract)
 
 
-def frozen_params(vae_params, text_params) -> dict:
-    """What the step reads of the frozen models: the VAE's encoder half and the text encoder."""
-    return {"vae": {name: vae_params[name] for name in ("encoder", "quant_conv")}, "text_encoder": text_params}
+VAE_ENCODER_PARAMS = ("encoder", "quant_conv")
+
+
+def frozen_params(vae_params, text_params, unet_params=None) -> dict:
+    """What the step reads of the frozen models: the VAE's encoder half (None: the latents are cached), the
+    text encoder, and with LoRA the UNet the adapters sit on."""
+    frozen = {"text_encoder": text_params}
+    if vae_params is not None:
+        frozen["vae"] = {name: vae_params[name] for name in VAE_ENCODER_PARAMS}
+    if unet_params is not None:
+        frozen["unet"] = unet_params
+    return frozen
 
 
 def compile_train_step(config: StepConfig, mesh, state_sharding, frozen_sharding):

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from t2i_flax.errors import ModelError
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -39,8 +41,13 @@ def load_tokenizer(path_or_dir: str | os.PathLike):
 
     path = os.fspath(path_or_dir)
     if not os.path.isdir(path):
-        raise ValueError(f"tokenizer folder {path!r} does not exist (expected the model's tokenizer/ subfolder)")
-    return CLIPTokenizer.from_pretrained(path)
+        raise ModelError(f"tokenizer folder {path!r} does not exist (expected the model's tokenizer/ subfolder)")
+    try:
+        return CLIPTokenizer.from_pretrained(path)
+    # Missing or malformed vocab.json / merges.txt: OSError, ValueError, or the tokenizers library's plain
+    # Exception ("Error while initializing BPE"). Only this one call into a library reading the user's files.
+    except Exception as error:  # noqa: BLE001
+        raise ModelError(f"cannot load the CLIP tokenizer in {path}: {str(error).strip().splitlines()[0]}") from None
 
 
 def tokenize_captions(tokenizer, captions: Sequence[str]) -> tuple[np.ndarray, int]:

@@ -23,6 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
+from t2i_flax.errors import ModelError
+
 # PyTorch container modules whose numbered children become `name_N` in Flax.
 NUMBERED_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
                        "downsamplers", "upsamplers", "net")
@@ -38,7 +40,7 @@ IGNORED_TORCH_KEYS = re.compile(r"(^|\.)position_ids$")
 _NUMBERED = re.compile(r"^(%s)_(\d+)$" % "|".join(NUMBERED_CONTAINERS))
 
 
-class WeightsError(ValueError):
+class WeightsError(ModelError):
     """A weight file does not match the model: names the offending tensors."""
 
 
@@ -229,7 +231,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     tensors = {}
     with open(path, "rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_size))
+        try:
+            header = json.loads(handle.read(header_size))
+        except (ValueError, MemoryError, OverflowError):
+            raise WeightsError(f"{path} is not a safetensors file (its header does not parse)") from None
         data_start = 8 + header_size
         for key, entry in header.items():
             if key == "__metadata__":
@@ -240,7 +245,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
             begin, end = entry["data_offsets"]
             handle.seek(data_start + begin)
-            array = np.fromfile(handle, dtype=dtype, count=(end - begin) // dtype.itemsize)
+            count = (end - begin) // dtype.itemsize
+            array = np.fromfile(handle, dtype=dtype, count=count)
+            if array.size != count:
+                raise WeightsError(f"{path} is truncated: tensor {key} needs {end - begin} bytes from offset "
+                                   f"{data_start + begin}, the file ends before")
             tensors[key] = array.reshape(entry["shape"])
     return tensors
 
@@ -253,8 +262,11 @@ def find_weight_files(folder: str, weights_name: str, legacy_weights_name: str |
         return "safetensors", [single]
     index = os.path.join(folder, variant_name(weights_name + ".index.json", variant))
     if os.path.isfile(index):
-        with open(index) as handle:
-            weight_map = json.load(handle)["weight_map"]
+        try:
+            with open(index) as handle:
+                weight_map = json.load(handle)["weight_map"]
+        except (ValueError, KeyError):
+            raise WeightsError(f"{index} is not a safetensors index (JSON with a weight_map)") from None
         shards = sorted(set(weight_map.values()))
         absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
         if absent:
@@ -287,11 +299,21 @@ def find_weight_files(folder: str, weights_name: str, legacy_weights_name: str |
 def load_params(folder: str, weights_name: str, legacy_weights_name: str | None, abstract_params: Mapping,
                 variant: str | None = None, dtype=np.float32) -> dict:
     kind, files = find_weight_files(folder, weights_name, legacy_weights_name, variant)
+    try:
+        return _load_files(kind, files, folder, abstract_params, dtype)
+    except OSError as error:  # unreadable (permissions, I/O) or truncated files are the user's to fix
+        raise WeightsError(f"cannot read the weights in {folder}: {error.strerror or error}") from None
+
+
+def _load_files(kind, files, folder, abstract_params, dtype) -> dict:
     if kind == "msgpack":
         from flax import serialization
 
         with open(files[0], "rb") as handle:
-            tree = serialization.msgpack_restore(handle.read())
+            try:
+                tree = serialization.msgpack_restore(handle.read())
+            except ValueError as error:  # msgpack's unpack errors (truncated or not msgpack)
+                raise WeightsError(f"{files[0]} is not a readable msgpack file: {error}") from None
         return legacy_tree_to_params(tree, abstract_params, dtype, source=files[0])
     state_dict: dict[str, np.ndarray] = {}
     for file in files:

@@ -5,9 +5,20 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache (on by default in the command lines) goes to a folder of this session,
+# also for the training processes the tests start; the tests never write the user's ~/.cache.
+if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["T2I_FLAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_jax_cache_")
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# On 2 cores, torch's thread pool and XLA's fight after JAX has run (the PyTorch oracle then runs ~30x
+# slower); one torch thread keeps both fast.
+torch.set_num_threads(1)
 
 RESOLUTION = 32  # of the synthetic dataset and the tiny pipeline's training runs
 
@@ -27,4 +38,32 @@ def dataset_dir(tmp_path_factory):
 
     folder = str(tmp_path_factory.mktemp("shapes"))
     synthetic.write_synthetic_dataset(folder, 16, resolution=RESOLUTION, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def torch_pipeline_dir(tmp_path_factory):
+    """A tiny SD pipeline made with the PyTorch classes, norms and biases perturbed, several channels per
+    GroupNorm group (tests/oracle.py)."""
+    from oracle import write_torch_pipeline
+
+    return write_torch_pipeline(str(tmp_path_factory.mktemp("torch-sd")))
+
+
+@pytest.fixture(scope="session")
+def fp16_variant_pipeline_dir(torch_pipeline_dir, tmp_path_factory):
+    """The same pipeline with ONLY fp16-variant weight files (`*.fp16.safetensors`, float16), as Hub repos
+    ship them: loading it needs --variant fp16."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = str(tmp_path_factory.mktemp("fp16-sd"))
+    for name in ("tokenizer", "scheduler"):
+        shutil.copytree(os.path.join(torch_pipeline_dir, name), os.path.join(folder, name))
+    shutil.copy(os.path.join(torch_pipeline_dir, "model_index.json"), folder)
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        model = cls.from_pretrained(os.path.join(torch_pipeline_dir, name)).half()
+        model.save_pretrained(os.path.join(folder, name), variant="fp16")
     return folder

@@ -19,3 +19,37 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith("bias"):
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def write_torch_pipeline(folder: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
+    """A tiny SD 1.x-shaped pipeline made with the PyTorch classes (diffusers/transformers `save_pretrained`),
+    every norm scale/shift and bias perturbed. GroupNorms of 4 or 8 channels per group, so that biases
+    feeding a norm have real (non-zero) gradients, unlike a one-channel-per-group model."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from t2i_flax import export, tokenizer
+
+    vocab_size = tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+    for index, (name, model) in enumerate((("unet", unet), ("vae", vae), ("text_encoder", text_encoder))):
+        randomize_(model, seed=seed + 10 + index)
+        model.save_pretrained(os.path.join(folder, name))
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  prediction_type=prediction_type).save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as handle:
+        json.dump(dict(export.model_index(), scheduler=["diffusers", "DDPMScheduler"]), handle, indent=2)
+    return folder

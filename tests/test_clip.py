@@ -20,7 +20,10 @@ from t2i_flax.models.clip import ACTIVATIONS, FlaxCLIPTextModel
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=1000,
             max_position_embeddings=77, bos_token_id=0, pad_token_id=1)
 REAL_EOS = 500  # a real id: sequences hold larger ids, so "first eos" and "argmax" pick different tokens
-F32_TOL = 1e-4  # max abs error / max abs torch output; measured ~5e-7 on CPU
+# float32, max abs error / max abs torch output. Measured on CPU: last_hidden_state 3.5e-7..5.0e-7 and
+# pooler_output 2.0e-7..3.3e-7 over the four (hidden_act, eos) variants with and without mask, position ids
+# 4.5e-7/4.2e-7, transformers 5 layout 4.6e-7/3.2e-7, the legacy fixture's stored PyTorch outputs 4.2e-7/3.6e-7.
+F32_TOL = 1e-5
 BF16_TOL = 5e-2  # bf16 compute (params float32, 8-bit mantissa activations); measured ~1.7e-2
 
 

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
+from t2i_flax.errors import ModelError
 from t2i_flax.tokenizer import (
     TINY_WORDS,
     bytes_to_unicode,
@@ -104,5 +105,10 @@ def test_pickled_tokenizer_gives_the_same_ids(tiny):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "vocab.json").write_text("{not json")
+    (tmp_path / "broken" / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ModelError, match="cannot load the CLIP tokenizer in"):
+        load_tokenizer(tmp_path / "broken")

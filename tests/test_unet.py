@@ -20,8 +20,13 @@ from oracle import randomize_, rel_err
 from t2i_flax import weights
 from t2i_flax.models.unet import FlaxUNet2DConditionModel, broadcast_timesteps
 
-# diffusers 0.39's own Flax UNet reached 4e-5..5e-5 against PyTorch on tiny float32 configs.
-F32_TOL = 1e-4
+# float32 against the PyTorch oracle. Measured on CPU: sd1 8.9e-7, sd2 9.8e-7, extras 4.7e-7, scalar
+# timestep 1.2e-6, the legacy fixture's stored PyTorch output 1.3e-6. A resnet GroupNorm eps of 1e-6
+# instead of the config's 1e-5 measures sd1 4.6e-5, sd2 4.5e-5, scalar 4.9e-5, legacy torch_out 2.0e-5: fails.
+F32_TOL = 1e-5
+# Against the stored output of diffusers 0.39's legacy Flax UNet, not the oracle: that output is itself
+# 4.9e-5 off PyTorch, and ours measures 4.9e-5 from it; about 2x.
+LEGACY_FLAX_TOL = 1e-4
 # bf16 compute (8 mantissa bits, ~4e-3 relative per rounding) through ~40 layers of a random net;
 # measured about 1e-2, parameters and the timestep sinusoid stay float32.
 BF16_TOL = 5e-2
@@ -92,13 +97,14 @@ def test_forward_parity_float32(cases, name):
     assert ours.dtype == jnp.float32
     err = rel_err(ours, reference)
     print(f"unet {name} float32 rel err {err:.2e}")
-    assert err <= F32_TOL
+    assert err <= F32_TOL, err
 
 
 def test_scalar_timestep_parity(cases):
     case = cases("sd1")
     reference = case.torch_forward(500)  # diffusers broadcasts a python int to the batch
-    assert rel_err(case.apply(case.params, case.sample, 500, case.context), reference) <= F32_TOL
+    err = rel_err(case.apply(case.params, case.sample, 500, case.context), reference)
+    assert err <= F32_TOL, err
 
 
 @pytest.mark.parametrize("timesteps", [500, 500.0, np.int64(500), np.array(500), np.array([500]), jnp.array(500),
@@ -212,5 +218,7 @@ def test_legacy_flax_msgpack_loads_and_matches():
     ref = np.load(os.path.join(folder, "reference.npz"))
     out = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c).sample)(
         params, ref["sample"], ref["timesteps"], ref["encoder_hidden_states"])
-    assert rel_err(out, ref["torch_out"]) <= F32_TOL  # measured 1.7e-6
-    assert rel_err(out, ref["out"]) <= F32_TOL  # the legacy Flax UNet's own error: 4.9e-5
+    errors = {"torch_out": rel_err(out, ref["torch_out"]), "legacy_flax_out": rel_err(out, ref["out"])}
+    print("unet legacy fixture float32 rel err", errors)
+    assert errors["torch_out"] <= F32_TOL, errors
+    assert errors["legacy_flax_out"] <= LEGACY_FLAX_TOL, errors

@@ -20,7 +20,12 @@ from oracle import randomize_, rel_err
 from t2i_flax import weights
 from t2i_flax.models.vae import FlaxAutoencoderKL, FlaxDiagonalGaussianDistribution
 
-F32_TOL = 1e-4  # diffusers 0.39's own Flax VAE encoder reached ~1e-6 against PyTorch
+# float32 against the PyTorch oracle. Measured on CPU: encode mean 1.2e-6, std 2.6e-7, logvar 1.1e-6,
+# decode 1.6e-6, encode+decode 1.9e-6, the legacy fixture's stored PyTorch latent mean 8.5e-7, decoded 2.2e-6.
+F32_TOL = 1e-5
+# Against the stored outputs of diffusers 0.39's legacy Flax VAE, not the oracle (they are themselves
+# 8.7e-7 (mean) and 2.1e-6 (decoded) off PyTorch); ours measures 5.6e-7 (mean) and 1.0e-6 (decoded) from them.
+LEGACY_FLAX_TOL = 5e-6
 BF16_TOL = 5e-2  # bf16 compute through ~20 layers of a random net; measured about 1e-2
 
 CONFIG = dict(
@@ -65,7 +70,7 @@ def test_encode_parity_float32(vae):
     assert isinstance(dist, FlaxDiagonalGaussianDistribution)
     errors = {key: rel_err(getattr(dist, key), vae["reference"][key]) for key in ("mean", "std", "logvar")}
     print("vae encode float32 rel err", errors)
-    assert max(errors.values()) <= F32_TOL
+    assert max(errors.values()) <= F32_TOL, errors
     np.testing.assert_array_equal(np.asarray(dist.mode()), np.asarray(dist.mean))
 
 
@@ -73,13 +78,14 @@ def test_decode_parity_float32(vae):
     decoded = _decode(vae["module"])(vae["params"], vae["latents"])
     err = rel_err(decoded, vae["reference"]["decoded"])
     print(f"vae decode float32 rel err {err:.2e}")
-    assert err <= F32_TOL
+    assert err <= F32_TOL, err
 
 
 def test_call_reconstructs_from_the_posterior_mode(vae):
     module = vae["module"]
     out = jax.jit(lambda p, x: module.apply({"params": p}, x).sample)(vae["params"], vae["images"])
-    assert rel_err(out, vae["reference"]["reconstruction"]) <= F32_TOL
+    err = rel_err(out, vae["reference"]["reconstruction"])
+    assert err <= F32_TOL, err
 
 
 def test_posterior_sample_is_mean_plus_std_noise(vae):
@@ -164,6 +170,34 @@ def test_from_config_rejects_unsupported(key, value, named):
     assert named in str(info.value)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("shift_factor", 0.1159),  # SD3 / Flux VAEs
+    ("latents_mean", [-1.6574, 1.886, -1.383, 2.5155]),  # per-channel latent normalisation
+    ("latents_std", [8.4927, 5.9022, 6.5498, 5.2299]),
+])
+def test_from_config_rejects_latent_normalisation(key, value, tmp_path):
+    config = dict(AutoencoderKL(**CONFIG).config)
+    assert config[key] is None  # what diffusers writes for an SD 1.x/2.x VAE
+    config[key] = value
+    with pytest.raises(ValueError, match="not supported") as info:
+        FlaxAutoencoderKL.from_config(config)
+    message = str(info.value)
+    assert f"{key}={value!r}" in message and "\n" not in message, message
+    with open(tmp_path / "config.json", "w") as handle:  # from_pretrained refuses before reading any weights
+        json.dump({"_class_name": "AutoencoderKL", **config}, handle)
+    with pytest.raises(ValueError, match=f"config {key}="):
+        FlaxAutoencoderKL.from_pretrained(str(tmp_path))
+
+
+def test_from_config_accepts_null_latent_normalisation(vae):
+    with open(os.path.join(vae["folder"], "config.json")) as handle:
+        saved = json.load(handle)  # written by diffusers' save_pretrained
+    assert [saved[key] for key in ("shift_factor", "latents_mean", "latents_std")] == [None, None, None]
+    assert FlaxAutoencoderKL.from_config(saved) == vae["module"]
+    config = vae["module"].to_config()
+    assert [config[key] for key in ("shift_factor", "latents_mean", "latents_std")] == [None, None, None]
+
+
 def test_legacy_flax_msgpack_loads_and_matches():
     # tests/fixtures/legacy_vae: a diffusers 0.39 FlaxAutoencoderKL save (bf16 msgpack)
     folder = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_vae")
@@ -171,6 +205,8 @@ def test_legacy_flax_msgpack_loads_and_matches():
     ref = np.load(os.path.join(folder, "reference.npz"))
     mean = _encode(module)(params, ref["sample"]).mean
     decoded = _decode(module)(params, ref["latent_mean"])
-    for ours, key in ((mean, "latent_mean"), (mean, "torch_latent_mean"), (decoded, "decoded"),
-                      (decoded, "torch_decoded")):
-        assert rel_err(ours, ref[key]) <= F32_TOL, key
+    errors = {key: rel_err(ours, ref[key]) for ours, key in (
+        (mean, "latent_mean"), (mean, "torch_latent_mean"), (decoded, "decoded"), (decoded, "torch_decoded"))}
+    print("vae legacy fixture float32 rel err", errors)
+    for key, err in errors.items():
+        assert err <= (F32_TOL if key.startswith("torch_") else LEGACY_FLAX_TOL), (key, err)

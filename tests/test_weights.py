@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from t2i_flax import hub, weights
+from t2i_flax.errors import ModelError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -127,6 +128,24 @@ def test_mismatched_tensors_are_named(tmp_path):
     assert "unexpected tensors: extra_block.weight" in message
     assert "time_embedding.linear_1.weight (5, 8) (expected (8, 32)" in message
     assert "\n" not in message
+
+
+def test_truncated_or_foreign_weight_files_are_model_errors(tmp_path):
+    """A download cut short or a file that is not what its name says: one-line ModelErrors, not numpy or
+    msgpack exceptions."""
+    tree = random_tree()
+    save_file(weights.params_to_state_dict(tree), str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelError, match=r"model.safetensors is truncated: tensor .* the file ends before"):
+        weights.load_params(str(tmp_path), "model.safetensors", None, abstract_of(tree))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ModelError, match="is not a safetensors file"):
+        weights.load_params(str(tmp_path), "model.safetensors", None, abstract_of(tree))
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "flax_model.msgpack").write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(ModelError, match="is not a readable msgpack file"):
+        weights.load_params(str(tmp_path), "model.safetensors", "flax_model.msgpack", abstract_of(tree))
 
 
 def test_pickle_only_and_empty_folders_are_refused(tmp_path):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_flax import hub, weights
+from t2i_flax.errors import ModelError
 
 
 def _tuple(value):
@@ -33,7 +34,7 @@ def _jsonable(value):
 
 def check_config(model: str, config: dict, supported: Sequence[str], off: Mapping[str, Any] | None = None,
                  ignored: Collection[str] = frozenset()) -> dict:
-    """Split a config dict into constructor kwargs; raise ValueError (naming key and value) on anything unsupported.
+    """Split a config dict into constructor kwargs; raise ModelError (naming key and value) on anything unsupported.
 
     ``supported``: keys that become module fields. ``off``: key -> predicate(value), or the tuple of values
     that mean "feature off / default" (accepted, not stored). ``ignored``: keys without effect on the
@@ -49,13 +50,13 @@ def check_config(model: str, config: dict, supported: Sequence[str], off: Mappin
         elif key in off:
             allowed = off[key]
             if callable(allowed) and not allowed(value):
-                raise ValueError(f"{model} config {key}={value!r} is not supported by t2i_flax; "
+                raise ModelError(f"{model} config {key}={value!r} is not supported by t2i_flax; "
                                  "only SD 1.x/2.x models are")
             if not callable(allowed) and value not in allowed:
-                raise ValueError(f"{model} config {key}={value!r} is not supported by t2i_flax (supported: "
+                raise ModelError(f"{model} config {key}={value!r} is not supported by t2i_flax (supported: "
                                  f"{' or '.join(repr(a) for a in allowed)}); only SD 1.x/2.x models are")
         else:
-            raise ValueError(f"{model} config has unknown key {key!r} (value {value!r}); it is not supported by "
+            raise ModelError(f"{model} config has unknown key {key!r} (value {value!r}); it is not supported by "
                              "t2i_flax; only SD 1.x/2.x models are")
     return kwargs
 
@@ -89,7 +90,7 @@ class PretrainedMixin:
         return kwargs
 
     def validate(self) -> None:
-        """Hook: raise ValueError for field values this implementation cannot run."""
+        """Hook: raise ModelError for config values this implementation cannot run."""
 
     def to_config(self) -> dict:
         """config.json content that rebuilds this network in diffusers/transformers."""
@@ -101,17 +102,22 @@ class PretrainedMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
                         revision: str | None = None, variant: str | None = None, dtype=jnp.float32,
                         cache_dir: str | None = None, attention: str | None = None, param_dtype=np.float32,
-                        local_files_only: bool | None = None):
+                        local_files_only: bool | None = None, load_weights: bool = True):
         """Returns (module, params); params are host numpy arrays in `param_dtype` (float32 default),
-        `dtype` is the computation dtype."""
+        `dtype` is the computation dtype. `load_weights=False`: (module, None), from the config alone."""
         folder = hub.resolve_model_dir(pretrained_model_name_or_path, subfolder, revision, variant, cache_dir,
                                        local_files_only)
         config_path = os.path.join(folder, cls.config_name)
         if not os.path.isfile(config_path):
             raise hub.ModelNotFoundError(f"{folder} has no {cls.config_name}")
-        with open(config_path) as handle:
-            config = json.load(handle)
+        try:
+            with open(config_path) as handle:
+                config = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot read {config_path}: {error}") from None
         module = cls.from_config(config, dtype=dtype, attention=attention)
+        if not load_weights:
+            return module, None
         params = weights.load_params(folder, cls.weights_name, cls.legacy_weights_name, module.abstract_params(),
                                      variant=variant, dtype=param_dtype)
         return module, params

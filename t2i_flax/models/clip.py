@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from t2i_flax.errors import ModelError
 from t2i_flax.models.attention import check_implementation, dot_product_attention
 from t2i_flax.models.base import PretrainedMixin
 
@@ -255,7 +256,7 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
         eos = kwargs.get("eos_token_id", 49407)
         if isinstance(eos, (list, tuple)):
             if len(eos) != 1:
-                raise ValueError(f"CLIP text encoder config has eos_token_id={list(eos)!r}; t2i_flax supports one id")
+                raise ModelError(f"CLIP text encoder config has eos_token_id={list(eos)!r}; t2i_flax supports one id")
             kwargs["eos_token_id"] = eos[0]
         if kwargs.get("attention_dropout", 0.0) is None:
             kwargs["attention_dropout"] = 0.0
@@ -263,15 +264,15 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
 
     def validate(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP text encoder config has hidden_act={self.hidden_act!r}, which t2i_flax does "
+            raise ModelError(f"CLIP text encoder config has hidden_act={self.hidden_act!r}, which t2i_flax does "
                              f"not support (supported: {', '.join(ACTIVATIONS)})")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIP text encoder hidden_size={self.hidden_size} is not a multiple of "
+            raise ModelError(f"CLIP text encoder hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
         if self.layer_norm_eps is None:
-            raise ValueError("CLIP text encoder config has layer_norm_eps=None; a number is needed")
+            raise ModelError("CLIP text encoder config has layer_norm_eps=None; a number is needed")
         if self.eos_token_id is None:
-            raise ValueError("CLIP text encoder config has eos_token_id=None; it is needed for pooler_output")
+            raise ModelError("CLIP text encoder config has eos_token_id=None; it is needed for pooler_output")
         check_implementation(self.attention)
 
     def dummy_inputs(self) -> tuple:

@@ -13,6 +13,7 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
+from t2i_flax.errors import ModelError
 from t2i_flax.models.attention import FlaxTransformer2DModel, check_implementation
 from t2i_flax.models.base import PretrainedMixin, _jsonable
 from t2i_flax.models.resnet import FlaxDownsample2D, FlaxResnetBlock2D, FlaxUpsample2D
@@ -27,7 +28,7 @@ EMA_CONFIG_KEYS = frozenset(
 def _per_block(value, n: int, name: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"UNet2DConditionModel config {name}={list(value)!r} must have one entry per block ({n})")
+            raise ModelError(f"UNet2DConditionModel config {name}={list(value)!r} must have one entry per block ({n})")
         return tuple(value)
     return (value,) * n
 
@@ -190,7 +191,7 @@ def _block_type(kind: str, value: str, allowed: tuple) -> str:
     """diffusers accepts a ``UNetRes`` prefix on block names (``UNetResDownBlock2D`` == ``DownBlock2D``)."""
     base = value[7:] if isinstance(value, str) and value.startswith("UNetRes") else value
     if base not in allowed:
-        raise ValueError(
+        raise ModelError(
             f"UNet2DConditionModel config {kind} contains {value!r}; this model is not supported by t2i_flax "
             f"(supported: {', '.join(a for a in allowed if a)})"
         )
@@ -310,21 +311,21 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         for t in self.up_block_types:
             _block_type("up_block_types", t, UP_BLOCK_TYPES)
         if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ValueError(
+            raise ModelError(
                 f"UNet2DConditionModel config mid_block_type={self.mid_block_type!r} is not supported by t2i_flax; "
                 "this model is not supported (only UNetMidBlock2DCrossAttn or null)"
             )
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-            raise ValueError(
+            raise ModelError(
                 "UNet2DConditionModel config needs as many up_block_types and block_out_channels as "
                 f"down_block_types ({n})"
             )
         if self.norm_num_groups is None:
-            raise ValueError("UNet2DConditionModel config norm_num_groups=None is not supported by t2i_flax")
+            raise ModelError("UNet2DConditionModel config norm_num_groups=None is not supported by t2i_flax")
         check_implementation(self.attention)
         tlpb = self.transformer_layers_per_block
         if any(not isinstance(d, int) for d in (tlpb if isinstance(tlpb, (list, tuple)) else (tlpb,))):
-            raise ValueError(
+            raise ModelError(
                 f"UNet2DConditionModel config transformer_layers_per_block={_jsonable(tlpb)!r} (per-layer depths, "
                 "SDXL style) is not supported by t2i_flax; use one int per block"
             )

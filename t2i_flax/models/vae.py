@@ -12,11 +12,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_flax.errors import ModelError
 from t2i_flax.models.attention import dot_product_attention
 from t2i_flax.models.base import PretrainedMixin
 from t2i_flax.models.resnet import FlaxDownsample2D, FlaxResnetBlock2D, FlaxUpsample2D
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code eps=1e-6 for every norm
+# AutoencoderKL config keys of a latent normalisation beyond scaling_factor (SD3/Flux/SDXL-style VAEs):
+# accepted only when null, as diffusers writes them for SD 1.x/2.x VAEs
+LATENT_NORM_KEYS = ("shift_factor", "latents_mean", "latents_std")
 
 
 @flax.struct.dataclass
@@ -200,8 +204,10 @@ class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
 
     ``encode(sample NCHW)`` -> ``.latent_dist`` (FlaxDiagonalGaussianDistribution, NCHW);
     ``decode(latents NCHW)`` -> ``.sample``; ``__call__`` = encode + decode (builds every parameter
-    in ``init``). Use ``module.apply({'params': p}, x, method=module.encode)``. ``scaling_factor``,
-    ``shift_factor``, ``latents_mean``/``latents_std`` and ``force_upcast`` are carried config only.
+    in ``init``). Use ``module.apply({'params': p}, x, method=module.encode)``. ``scaling_factor``
+    and ``force_upcast`` are carried config only. ``shift_factor``, ``latents_mean`` and ``latents_std``
+    must be null (as diffusers writes them for SD 1.x/2.x VAEs): a value there means an SD3/Flux/SDXL-style
+    latent normalisation our training does not apply, so ``from_config`` refuses it.
     """
 
     in_channels: int = 3
@@ -214,9 +220,6 @@ class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
     norm_num_groups: int = 32
     sample_size: Any = 32
     scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    latents_mean: Any = None
-    latents_std: Any = None
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -227,8 +230,8 @@ class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
     weights_name = "diffusion_pytorch_model.safetensors"
     legacy_weights_name = "diffusion_flax_model.msgpack"
     model_name = "AutoencoderKL"
-    config_off = {"act_fn": ("silu", "swish")}
-    config_extra = {"_class_name": model_name, "act_fn": "silu"}
+    config_off = {"act_fn": ("silu", "swish"), **{key: (None,) for key in LATENT_NORM_KEYS}}
+    config_extra = {"_class_name": model_name, "act_fn": "silu", **{key: None for key in LATENT_NORM_KEYS}}
 
     # ------------------------------------------------------------------ config
     def validate(self) -> None:
@@ -237,14 +240,14 @@ class FlaxAutoencoderKL(PretrainedMixin, nn.Module):
                                     ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
             for t in types:
                 if t != allowed:
-                    raise ValueError(
+                    raise ModelError(
                         f"AutoencoderKL config {key} contains {t!r}; this model is not supported by t2i_flax "
                         f"(supported: {allowed})"
                     )
             if len(types) != n:
-                raise ValueError(f"AutoencoderKL config needs one {key} entry per block_out_channels entry ({n})")
+                raise ModelError(f"AutoencoderKL config needs one {key} entry per block_out_channels entry ({n})")
         if not isinstance(self.layers_per_block, int):
-            raise ValueError(f"AutoencoderKL config layers_per_block={self.layers_per_block!r} must be an int")
+            raise ModelError(f"AutoencoderKL config layers_per_block={self.layers_per_block!r} must be an int")
 
     def dummy_inputs(self) -> tuple:
         """Smallest image batch for ``init``/``jax.eval_shape`` (runs encoder and decoder)."""

@@ -1,0 +1,192 @@
+"""Our train step against diffusers' PyTorch training math (the oracle), step by step, on a tiny pipeline.
+
+The reference is what `train_text_to_image.py` does per step, written here with the PyTorch models that
+diffusers/transformers load from the same folder: VAE posterior sample x scaling_factor, DDPMScheduler
+add_noise, the epsilon or velocity target, the frozen CLIP text encoder's last hidden state, the UNet,
+float32 MSE, backward, clip_grad_norm_, torch.optim.AdamW with the diffusers lr schedule, and
+diffusers' EMAModel. It gets exactly the random numbers our step draws (`step.draw_randomness`), so
+the two computations see the same inputs and must agree to float32 rounding.
+
+The pipeline is made with the PyTorch classes (the `torch_pipeline_dir` fixture), norms and biases
+perturbed, with several channels per GroupNorm group: in a one-channel-per-group model, a bias right
+before a norm has a true gradient of 0, which leaves only float noise that Adam then amplifies into
+arbitrary +-lr steps."""
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTextModel
+
+from t2i_flax import data, optim, sharding, step, tokenizer, weights
+from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+from t2i_flax.noise import load_noise_schedule
+
+from conftest import RESOLUTION
+
+STEPS = 3
+LEARNING_RATE = 1e-3      # linear decay over STEPS + 1 updates, no warmup: every update moves the weights
+EMA_DECAY = 0.9
+WEIGHT_DECAY = 0.5        # large, so that decaying (or not) any parameter is far above the tolerances
+MAX_GRAD_NORM = 2.3       # the gradient norms are about 2.8, 2.5, 2.0: steps 1-2 clip, step 3 does not
+# Float32 on CPU, each step compared on identical inputs; measured values (both prediction types, all
+# three steps) in the comments, each tolerance a few times them.
+LOSS_RTOL = 5e-6                    # measured <= 1.0e-6
+GRAD_NORM_RTOL = 2e-6               # measured <= 3.3e-7
+GRAD_TOL = 2e-5                     # per tensor, max|ours - torch| / max|torch|: measured <= 5.7e-6
+GRAD_GLOBAL_TOL = 5e-6              # over the tree, max|ours - torch| / max|torch|: measured <= 1.4e-6
+PARAM_ATOL = 2e-6                   # updated parameters and EMA: measured <= 4.7e-7
+# Adam's FIRST update of an entry is lr x g / (|g| + eps): where |g| is not far above eps (1e-8), that
+# ratio turns a gradient error of ~1e-6 x its tensor's largest entry into any fraction of lr (measured up
+# to 3.5e-4 = 0.35 lr). Those entries (|g| < 100 eps: 0.4% of them) are bounded by what one Adam step can
+# move them, 2 x lr. Later updates divide by the second moment of earlier steps too, and are well
+# conditioned everywhere (measured <= 9.5e-7, within PARAM_ATOL).
+ILL_CONDITIONED_GRADIENT = 1e2 * 1e-8
+
+
+@pytest.fixture(scope="module")
+def batch(torch_pipeline_dir, dataset_dir):
+    clip_tokenizer = tokenizer.load_tokenizer(os.path.join(torch_pipeline_dir, "tokenizer"))
+    loader = data.build_train_loader(clip_tokenizer, host_batch_size=2, resolution=RESOLUTION,
+                                     train_data_dir=dataset_dir, random_flip=True, seed=1)
+    batches = loader.iterator()
+    fixed = [next(batches) for _ in range(STEPS)]
+    batches.close()
+    return fixed
+
+
+def torch_named(tree):
+    return weights.params_to_state_dict(jax.device_get(tree))
+
+
+def ours(pipeline_dir, batches, prediction_type, noise_offset):
+    """Our step on one device. Per step: the state before it (params, Adam moments, EMA, in PyTorch names
+    and layouts), the randomness it draws, its gradient tree, loss, grad norm, lr and the state after."""
+    unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    vae, vae_params = FlaxAutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
+    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+    schedule = optim.learning_rate_schedule("linear", LEARNING_RATE, 0, STEPS + 1)
+    config = step.StepConfig(unet=unet, vae=vae, text_encoder=text_encoder,
+                             noise_schedule=load_noise_schedule(pipeline_dir, prediction_type),
+                             optimizer=optim.make_optimizer(schedule, weight_decay=WEIGHT_DECAY,
+                                                            max_grad_norm=MAX_GRAD_NORM),
+                             learning_rate=schedule, use_ema=True, ema_decay=EMA_DECAY, noise_offset=noise_offset)
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
+    state, state_sharding = step.create_state(config, mesh, unet_params, seed=7)
+    frozen = step.frozen_params(vae_params, text_params)
+    frozen_sharding = sharding.tree_shardings(mesh, frozen)
+    frozen = jax.device_put(frozen, frozen_sharding)
+    train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
+    grads_of = jax.jit(lambda params, frozen, batch, key: step.loss_and_grads(config, params, frozen, batch, key))
+    draw = jax.jit(lambda key, shape=step.latent_shape(config, batches[0]["pixel_values"].shape):
+                   step.draw_randomness(key, shape, config.noise_schedule.num_train_timesteps))
+    results = []
+    for host_batch in batches:
+        device_batch = sharding.global_batch(mesh, host_batch)
+        adam = state.opt_state[1][0]
+        before = dict(params=torch_named(state.params), ema=torch_named(state.ema_params),
+                      exp_avg=torch_named(adam.mu), exp_avg_sq=torch_named(adam.nu), count=int(adam.count))
+        key = step.step_key(state)
+        randomness = jax.device_get(draw(key))
+        _, grads = grads_of(state.params, frozen, device_batch, key)
+        state, metrics = train_step(state, frozen, device_batch)  # donates the old state
+        results.append(dict(before=before, randomness=randomness, grads=torch_named(grads),
+                            loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
+                            lr=float(metrics["learning_rate"]),
+                            params=torch_named(state.params), ema=torch_named(state.ema_params)))
+    return results
+
+
+def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
+    """train_text_to_image.py's step in PyTorch. Before each step, its UNet, AdamW state and EMA are set
+    to OUR state before that step, so each step is compared on identical inputs (float rounding does not
+    accumulate over the steps)."""
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").train()
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae").requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder").requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler", prediction_type=prediction_type)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=WEIGHT_DECAY)
+    lr_scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=STEPS + 1)
+    ema = EMAModel(unet.parameters(), decay=EMA_DECAY)
+    names = [name for name, _ in unet.named_parameters()]
+    results = []
+    for host_batch, ours_step in zip(batches, steps):
+        before, drawn = ours_step["before"], ours_step["randomness"]
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                parameter.copy_(torch.tensor(before["params"][name]))
+                if before["count"]:
+                    optimizer.state[parameter] = {"step": torch.tensor(float(before["count"])),
+                                                  "exp_avg": torch.tensor(before["exp_avg"][name]),
+                                                  "exp_avg_sq": torch.tensor(before["exp_avg_sq"][name])}
+            ema.shadow_params = [torch.tensor(before["ema"][name]) for name in names]
+        assert ema.optimization_step == before["count"]
+
+        posterior = vae.encode(torch.tensor(host_batch["pixel_values"])).latent_dist
+        latents = (posterior.mean + posterior.std * torch.tensor(drawn["posterior_noise"])) * vae.config.scaling_factor
+        noise = torch.tensor(drawn["noise"])
+        if noise_offset:
+            noise = noise + noise_offset * torch.tensor(drawn["offset_noise"])
+        timesteps = torch.tensor(drawn["timesteps"], dtype=torch.long)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(torch.tensor(host_batch["input_ids"], dtype=torch.long),
+                                             return_dict=False)[0]
+        prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="mean")
+        loss.backward()
+        grads = {name: p.grad.detach().numpy().copy() for name, p in unet.named_parameters()}
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(unet.parameters(), MAX_GRAD_NORM))
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+        results.append(dict(loss=float(loss.detach()), grad_norm=grad_norm, lr=lr, grads=grads,
+                            params={n: p.detach().numpy().copy() for n, p in unet.named_parameters()},
+                            ema={n: p.detach().numpy().copy() for n, p in zip(names, ema.shadow_params)}))
+    return results
+
+
+@pytest.mark.parametrize("prediction_type,noise_offset", [("epsilon", 0.0), ("v_prediction", 0.1)])
+def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch, prediction_type, noise_offset):
+    got = ours(torch_pipeline_dir, batch, prediction_type, noise_offset)
+    want = reference(torch_pipeline_dir, batch, got, prediction_type, noise_offset)
+    norms = [w["grad_norm"] for w in want]
+    assert max(norms) > MAX_GRAD_NORM > min(norms), norms  # steps with and without clipping
+    for index, (g, w) in enumerate(zip(got, want)):
+        where = f"step {index + 1}"
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-6), where
+        assert g["loss"] == pytest.approx(w["loss"], rel=LOSS_RTOL), where
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=GRAD_NORM_RTOL), where
+        assert sorted(g["grads"]) == sorted(w["grads"])
+        largest = max(np.abs(t).max() for t in w["grads"].values())
+        worst = max(np.abs(g["grads"][name] - t).max() for name, t in w["grads"].items())
+        assert worst / largest <= GRAD_GLOBAL_TOL, (where, worst / largest)
+        for name, reference_grad in w["grads"].items():
+            scale = np.abs(reference_grad).max()
+            assert scale > 1e-6 * largest, (where, name)  # a real gradient, not float noise
+            error = np.abs(g["grads"][name] - reference_grad).max() / scale
+            assert error <= GRAD_TOL, (where, name, error)
+        first_update = g["before"]["count"] == 0
+        ill_conditioned = {name: (np.abs(t) < ILL_CONDITIONED_GRADIENT) & first_update
+                           for name, t in w["grads"].items()}
+        fraction = sum(m.sum() for m in ill_conditioned.values()) / sum(m.size for m in ill_conditioned.values())
+        assert fraction < 1e-2, (where, fraction)
+        for tree in ("params", "ema"):
+            assert sorted(g[tree]) == sorted(w[tree])
+            for name, reference_value in w[tree].items():
+                atol = np.where(ill_conditioned[name], PARAM_ATOL + 2 * w["lr"], PARAM_ATOL)
+                error = np.abs(g[tree][name] - reference_value)
+                assert (error <= atol).all(), (where, tree, name, error.max())
+    # diffusers' EMA warmup: its first update copies the parameters (decay 0: e - (e - p), exact up to
+    # rounding), later ones lag behind them
+    for name in want[0]["ema"]:
+        np.testing.assert_allclose(got[0]["ema"][name], got[0]["params"][name], rtol=0, atol=1e-9)
+    lag = max(np.abs(got[-1]["ema"][n] - got[-1]["params"][n]).max() for n in got[-1]["ema"])
+    assert lag > 100 * PARAM_ATOL, lag
