@@ -1,0 +1,174 @@
+"""Images: decode any record to 8-bit RGB, check that a record decodes, and the training transforms.
+
+The transforms reproduce the reference PyTorch/torchvision pipeline on PIL images exactly
+(Resize(R, bilinear) of the short side = PIL.Image.resize(BILINEAR) with torchvision's size rule,
+CenterCrop with torchvision's rounding or RandomCrop(R), optional horizontal flip,
+ToTensor + Normalize([0.5], [0.5])), with PIL and numpy only.
+
+Image modes: everything becomes 8-bit RGB. Images with transparency (RGBA, LA, PA, RGBa, P or L/RGB
+with a transparent colour) are composited on WHITE: rgb = 255 - round((255 - c) * alpha / 255)
+(the reference, `convert("RGB")`, drops alpha, which turns transparent areas into whatever colour
+they hold, often black). 16-bit modes (I;16*) are scaled by 1/257 (PIL would clip them to 255);
+"I" (int32) is scaled the same way when its maximum exceeds 255, else used as is; "F" (float) is
+taken as [0, 1] when its maximum is <= 1, else as [0, 255]; EXIF orientation is applied (as
+`datasets` does when it decodes).
+
+Bad files: only what PIL raises for a bad or truncated file (IMAGE_DECODE_ERRORS) means "skip this
+record". A value that is not an image at all (the wrong column) is a DataError.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from t2i_flax.errors import DataError
+
+# What PIL raises for a bad or truncated image file (UnidentifiedImageError is an OSError). Nothing else
+# is caught around decoding: any other exception is a bug and must surface.
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
+
+# ToTensor + Normalize([0.5], [0.5]) of every uint8 value, computed as torch does in float32.
+_UINT8_TO_UNIT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(0.5)) / np.float32(0.5)
+
+
+def _open_image(value: Any) -> Image.Image:
+    """Opens an image given as PIL image, {"bytes", "path"} dict, path, raw bytes or HWC uint8 array."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None:
+            return Image.open(io.BytesIO(data))
+        if path is None:
+            raise ValueError("image record has neither bytes nor path")
+        value = path
+    if isinstance(value, (str, os.PathLike)):
+        with open(value, "rb") as f:  # read whole file: no file handle stays open (multi-frame images)
+            return Image.open(io.BytesIO(f.read()))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(value)))
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    raise DataError(f"the image column holds {type(value).__name__} values, not images (PIL images, "
+                    f"{{'bytes', 'path'}} records, paths, bytes or arrays): check --image_column")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
+
+
+def image_to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL mode to 8-bit RGB (rules in the module docstring)."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16"):
+        return _gray_to_rgb(np.rint(np.asarray(image).astype(np.float64) / 257.0))
+    if mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if values.size and values.max() > 255:
+            return _gray_to_rgb(np.rint(np.clip(values, 0, 65535) / 257.0))
+        return _gray_to_rgb(np.clip(values, 0, 255))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            return _gray_to_rgb(np.rint(np.clip(values, 0, 1) * 255))
+        return _gray_to_rgb(np.rint(np.clip(values, 0, 255)))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.int32)
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+        # 255 - round((255 - c) * a / 255), halves rounded up: compositing on white.
+        out = 255 - ((255 - rgb) * alpha + 127) // 255
+        return Image.fromarray(out.astype(np.uint8), "RGB")
+    return image.convert("RGB")
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decodes one image record fully into an RGB PIL image (EXIF orientation applied). Raises on failure."""
+    image = _open_image(value)
+    image.load()
+    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
+        image = ImageOps.exif_transpose(image)
+    return image_to_rgb(image)
+
+
+def check_image(value: Any) -> str | None:
+    """Returns None when the image decodes, else the reason ("OSError: ...").
+
+    JPEGs are decoded at 1/8 scale (draft mode): all of the data is still read and checked, at a
+    fraction of the cost. A value that is not an image at all raises DataError.
+    """
+    try:
+        image = _open_image(value)
+        if getattr(image, "format", None) == "JPEG":
+            image.draft(None, (1, 1))
+        image.load()
+        image_to_rgb(image)
+        return None
+    except DataError:
+        raise
+    except IMAGE_DECODE_ERRORS as e:  # a bad file: skip the record
+        return _reason(e)
+
+
+def _reason(error: BaseException) -> str:
+    """"Type: message", without the memory addresses PIL puts in some messages ("<_io.BytesIO object at
+    0x7f...>"), so that the same bad file gives the same reason on every host and in every run."""
+    return re.sub(r" object at 0x[0-9a-fA-F]+", " object", f"{type(error).__name__}: {error}")
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(resolution): the short side becomes `resolution`."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def center_crop_offsets(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(top, left) of torchvision's CenterCrop (Python round, i.e. halves to even)."""
+    return int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+
+
+def draw_crop_and_flip(rng: np.random.Generator, new_width: int, new_height: int, resolution: int):
+    """A sample's crop offsets and flip, drawn in this order, always all three (also when unused), so that
+    the cached-latent path (data/latent_cache.py) reproduces the same stream from the resized size."""
+    random_top = int(rng.integers(0, new_height - resolution + 1))
+    random_left = int(rng.integers(0, new_width - resolution + 1))
+    return random_top, random_left, bool(rng.random() < 0.5)
+
+
+def preprocess_image(
+    image: Image.Image,
+    resolution: int,
+    *,
+    center_crop: bool,
+    random_flip: bool,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """RGB PIL image -> float32 (3, R, R) in [-1, 1], as Resize/Crop/Flip/ToTensor/Normalize.
+
+    Draws from `rng`, always in this order and always both: crop top, crop left (integers, used
+    only for random crop), flip (a float, used only with random_flip).
+    """
+    width, height = image.size
+    new_width, new_height = resized_size(width, height, resolution)
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.BILINEAR)
+    random_top, random_left, flip = draw_crop_and_flip(rng, new_width, new_height, resolution)
+    if center_crop:
+        top, left = center_crop_offsets(new_width, new_height, resolution)
+    else:
+        top, left = random_top, random_left
+    if (top, left, new_width, new_height) != (0, 0, resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(image).transpose(2, 0, 1)  # (R, R, 3) uint8 HWC -> CHW view
+    if random_flip and flip:
+        pixels = pixels[:, :, ::-1]
+    return _UINT8_TO_UNIT[pixels]  # the lookup writes a new C-contiguous float32 (3, R, R)
