@@ -60,3 +60,47 @@ def test_two_processes_train_like_one(pipeline_dir, dataset_dir, tmp_path):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
     source = load_file(os.path.join(pipeline_dir, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(np.abs(one[key] - source[key]).max() for key in one) > 1e-4  # the runs did train
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(pipeline_dir, dataset_dir, tmp_path):
+    """A preemption notice reaches one process of two: JAX's preemption service tells the other, both finish
+    the same step, write one checkpoint together (each its own shards) and exit with code 75; started
+    again with `latest`, both continue from that step to the end."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    output_dir = tmp_path / "run"
+    common = argv(pipeline_dir, dataset_dir, str(output_dir), 4) + ["--multihost", "--checkpointing_steps", "100"]
+    common[common.index("--max_train_steps") + 1] = "8"
+
+    def start(extra):
+        port = free_port()
+        return [subprocess.Popen(common + extra, env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                          JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank in range(2)]
+
+    workers = start([])
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert all(w.poll() is None for w in workers), [w.communicate()[1][-2000:] for w in workers]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    workers[1].send_signal(signal.SIGTERM)
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [75, 75], [err[-2000:] for _, err in outputs]
+    stops = {line.split("after step ")[1].split(":")[0] for _, err in outputs for line in err.splitlines()
+             if line.startswith("stopped by ")}
+    assert len(stops) == 1, [err[-1000:] for _, err in outputs]  # one agreed step, said by process 0 at least
+    stopped_at = int(stops.pop())
+    assert 2 <= stopped_at < 8 and sorted(os.listdir(output_dir / "checkpoints")) == [str(stopped_at)]
+
+    workers = start(["--resume_from_checkpoint", "latest"])
+    outputs = [w.communicate(timeout=900) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert f"resumed from {output_dir / 'checkpoints' / str(stopped_at)} (step {stopped_at} of 8)" in outputs[0][0]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == 8 and sorted(set(steps)) == list(range(1, 9))
+    assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()

@@ -1,0 +1,267 @@
+"""Orbax checkpoints: the whole train state, the data position and the run's record, one folder per step.
+
+    <checkpoints_dir>/<step>/params      the UNet parameters being trained
+    <checkpoints_dir>/<step>/ema_params  their EMA (with --use_ema)
+    <checkpoints_dir>/<step>/optimizer   step count, Adam state, seed key
+    <checkpoints_dir>/<step>/data        the data iterator's position, JSON ({"next_batch": k, ...})
+    <checkpoints_dir>/<step>/run         the run's configuration (no secrets) and what it resolved to
+                                         (global batch, learning rate, base model folder and commit), JSON
+
+The arrays are written by every process for its own shards (no gather onto one host); separate items let
+an export read the weights alone. Saves are asynchronous: `save` returns after the device-to-host copy,
+Orbax writes in a background thread and renames the step folder into place when it is complete, so an
+interrupted save leaves no step folder (its temporary folder is removed when a manager next opens the
+directory). In a bucket (gs://) Orbax writes the step folder in place instead and marks it complete with a
+`commit_success.txt`; a step folder without one is ignored, and removed likewise. Old steps are deleted only
+after a newer one is complete (`checkpoints_total_limit`)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from t2i_flax.errors import CheckpointError, TrainingFailed
+
+logger = logging.getLogger(__name__)
+
+ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER, ITEM_DATA, ITEM_RUN = "params", "ema_params", "optimizer", "data", "run"
+ARRAY_ITEMS = (ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER)
+_STEP_NAME = re.compile(r"^(?:checkpoint-)?(\d+)$")
+# What Orbax/tensorstore raise for a step folder whose files are damaged (truncated, missing, garbage):
+# tensorstore's ValueError ("OUT_OF_RANGE: Error reading ...") reaches us wrapped in a plain Exception
+# ("Encountered error while reading array index"), so the restore calls (and only they) catch Exception.
+READ_ERRORS = (Exception,)
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A complete step folder whose files cannot be read (truncated, missing, garbage)."""
+
+
+class CheckpointWriteFailed(TrainingFailed):
+    """Writing a checkpoint failed (disk full, permissions, bucket): one line, exit code 1."""
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+class Checkpoints:
+    """One checkpoint directory: its steps, asynchronous saves and restores."""
+
+    def __init__(self, directory: str, keep: int | None = None, read_only: bool = False):
+        # A failed write fails many of Orbax's background tasks at once; asyncio and absl (Orbax's logger)
+        # would print a traceback for each (hundreds). The failure reaches the user as one line (`wait`).
+        for name in ("asyncio", "absl"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _quiet_closed_loop_callbacks()
+        _register_array_handler()
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+        self.directory = absolute(directory)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
+            enable_async_checkpointing=True, cleanup_tmp_directories=not read_only, create=not read_only,
+            read_only=read_only)
+        try:
+            self.manager = ocp.CheckpointManager(epath.Path(self.directory), item_names=ARRAY_ITEMS + (ITEM_DATA, ITEM_RUN),
+                                                 options=options)
+        except OSError as error:
+            raise CheckpointError(f"cannot use the checkpoint folder {self.directory}: {error}") from None
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state, data_state: dict, run_record: dict) -> None:
+        """Starts an asynchronous save of a TrainState (every process must call it). Waits for the previous
+        save first and reports its failure, if any."""
+        self.wait()
+        items = {name: ocp.args.StandardSave(tree) for name, tree in state_items(state).items()}
+        items.update({ITEM_DATA: ocp.args.JsonSave(data_state), ITEM_RUN: ocp.args.JsonSave(run_record)})
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items))
+        except OSError as error:
+            raise CheckpointWriteFailed(f"writing the checkpoint of step {step} in {self.directory} failed: "
+                                        f"{_first_line(error)}; the previous checkpoints are kept") from None
+
+    def wait(self) -> None:
+        """Blocks until the save in flight is complete; a failed write is a CheckpointWriteFailed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except (OSError, ValueError, RuntimeError) as error:  # the background writer's failure, re-raised here
+            raise CheckpointWriteFailed(f"writing a checkpoint in {self.directory} failed: {_first_line(error)}; "
+                                        f"the previous checkpoints are kept") from None
+
+    def read_run_record(self, step: int) -> dict:
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{ITEM_RUN: ocp.args.JsonRestore(),
+                                                                              ITEM_DATA: ocp.args.JsonRestore()}))
+        except READ_ERRORS as error:
+            raise DamagedCheckpoint(f"checkpoint {self.step_path(step)} cannot be read ({_first_line(error)})") from None
+        return {"run": dict(restored[ITEM_RUN]), "data": dict(restored[ITEM_DATA])}
+
+    def restore(self, step: int, abstract_items: dict) -> dict:
+        """The array items named in `abstract_items` ({item: tree of ShapeDtypeStructs with shardings}),
+        placed as those say: any layout, also another device count. Every array must come back and match
+        its shape and dtype."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}))
+        except READ_ERRORS as error:
+            raise DamagedCheckpoint(f"checkpoint {self.step_path(step)} cannot be restored: {_first_line(error)}") from None
+        restored = {name: restored[name] for name in abstract_items}
+        problems = [f"{name}{jax.tree_util.keystr(path)}"
+                    for name, tree in restored.items()
+                    for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if not isinstance(leaf, jax.Array)]
+        if problems:
+            raise CheckpointError(f"checkpoint {self.step_path(step)} lacks arrays of the train state: "
+                                  f"{', '.join(problems[:5])}")
+        return restored
+
+    def restore_state(self, step: int, abstract_state):
+        """The whole TrainState of `step`, placed as `abstract_state` (ShapeDtypeStructs with shardings)."""
+        restored = self.restore(step, state_items(abstract_state))
+        return state_from_items(abstract_state, restored)
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+
+# Orbax splits every replicated array into one slice per replica (one eager slice op each) to spread the
+# device-to-host copy; for the hundreds of small arrays of a UNet that costs more than it saves (a tiny model
+# on 8 CPU devices: 9.6 s of blocking per save, 0.36 s without). Only arrays of at least this many bytes
+# per replica are split.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 32 << 20
+_array_handler_registered = False
+
+
+def _register_array_handler() -> None:
+    global _array_handler_registered
+    if not _array_handler_registered:
+        handler = ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        _array_handler_registered = True
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed write, tensorstore still calls back into the asyncio loops Orbax has already closed;
+    each call is an 'unraisable' RuntimeError('Event loop is closed') that Python prints as a traceback.
+    Those (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "t2i_flax_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.t2i_flax_quiet = True
+    sys.unraisablehook = hook
+
+
+_OS_ERROR = re.compile(r": ([^:\[]+) \[os_error_code='?(\d+)'?\]")
+
+
+def _first_line(error: BaseException) -> str:
+    """One readable line of an Orbax/tensorstore error: the operating system's reason when it names one
+    ("File too large (errno 27)"), else the first line, without tensorstore's spec dump."""
+    text = str(error).strip().split(" See full TensorStore details")[0]
+    os_error = _OS_ERROR.search(text)
+    if os_error:
+        return f"{os_error.group(1).strip()} (errno {os_error.group(2)})"
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def parse_resume(value: str, checkpoints_dir: str) -> tuple[str, int | None]:
+    """--resume_from_checkpoint -> (checkpoint directory, step or None for "latest").
+
+    latest | <step> | checkpoint-<step> (the PyTorch script's folder name) look in `checkpoints_dir`; any
+    other value is the path of one step folder (e.g. <output_dir>/checkpoints/500)."""
+    if value == "latest":
+        return checkpoints_dir, None
+    named = _STEP_NAME.match(value)
+    if named and not os.path.sep in value:
+        return checkpoints_dir, int(named.group(1))
+    path = value.rstrip("/")
+    step = _STEP_NAME.match(os.path.basename(path))
+    if not step:
+        raise CheckpointError(f"--resume_from_checkpoint {value}: not 'latest', a step number, checkpoint-<step>, "
+                              f"or the path of a step folder (<checkpoints_dir>/<step>)")
+    return os.path.dirname(path) or ".", int(step.group(1))
+
+
+def resume(checkpoints: Checkpoints, step: int | None, value: str, check_record, abstract_state):
+    """Restores the checkpoint to resume from: `step`, or for "latest" the newest one that reads; a
+    damaged newer one is skipped with a warning (never silently a new run). Returns (step, state,
+    data_state, record, damaged steps skipped).
+
+    check_record(record) raises a CheckpointError when the checkpoint is of another run's settings: that
+    is never a reason to fall back to an older one."""
+    steps = checkpoints.steps()
+    if step is not None and step not in steps:
+        shown = ", ".join(map(str, steps[-5:])) or "none"
+        raise CheckpointError(f"--resume_from_checkpoint {value}: there is no checkpoint of step {step} in "
+                              f"{checkpoints.directory} (steps there: {shown})")
+    candidates = [step] if step is not None else list(reversed(steps))
+    damaged = []
+    for candidate in candidates:
+        try:
+            record = checkpoints.read_run_record(candidate)
+            check_record(record["run"])
+            state = checkpoints.restore_state(candidate, abstract_state)
+        except DamagedCheckpoint as damage:
+            if step is not None:
+                raise
+            logger.warning("%s; falling back to an older checkpoint", damage)
+            damaged.append(candidate)
+            continue
+        return candidate, state, record["data"], record["run"], damaged
+    raise CheckpointError(f"no checkpoint in {checkpoints.directory} can be restored (steps {steps})")
+
+
+def set_aside(directory: str, steps: list[int]) -> list[str]:
+    """Renames damaged step folders to <step>.damaged, so that the run can write those steps again and a
+    later "latest" does not trip over them; their files stay for inspection. Process 0 only. In a bucket (gs://)
+    gcsfs moves each object (or copies and deletes it), which is not atomic: a move cut short leaves the step
+    either without its commit file (no step) or still damaged (set aside again by the next resume)."""
+    moved = []
+    if jax.process_index() == 0:
+        for step in steps:
+            path = epath.Path(directory) / str(step)
+            target = epath.Path(directory) / f"{step}.damaged"
+            if target.exists():
+                target.rmtree()
+            path.rename(target)
+            moved.append(str(target))
+    return moved
+
+
+def state_items(state) -> dict:
+    """A TrainState (arrays or ShapeDtypeStructs) as the checkpoint's array items."""
+    items = {ITEM_PARAMS: state.params, ITEM_OPTIMIZER: {"step": state.step, "opt_state": state.opt_state,
+                                                         "rng": state.rng}}
+    if state.ema_params is not None:
+        items[ITEM_EMA] = state.ema_params
+    return items
+
+
+def state_from_items(template, items: dict):
+    optimizer = items[ITEM_OPTIMIZER]
+    return template.replace(params=items[ITEM_PARAMS], ema_params=items.get(ITEM_EMA), step=optimizer["step"],
+                            opt_state=optimizer["opt_state"], rng=optimizer["rng"])
