@@ -1,0 +1,200 @@
+"""Text-to-image sampling as one jax.jit program: CLIP text encoder -> classifier-free guided denoising
+loop (one lax.fori_loop over the scheduler's timesteps) -> VAE decode, as diffusers' StableDiffusionPipeline.
+
+    sampler = Sampler(unet, vae, text_encoder, mesh)
+    params = sampler.place_params(sampler_params(unet_params, text_encoder_params, vae_params))
+    scheduler = schedulers.make_scheduler(scheduler_config, num_inference_steps=25)
+    images_BHWC = sampler(params, prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale=7.5)
+
+Ahead of time (a trainer, before its first step), then every few steps with the current UNet params:
+
+    compiled = sampler.compile(abstract_params, scheduler, batch, height, width, guidance=True)
+    inputs = sampler.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, 7.5)  # once
+    images_BHWC = compiled(sampler_params(state.params, text_encoder_params, vae_params), *inputs)
+
+The parameters are arguments of the program, never closed-over constants, so the trainer can pass its
+current (possibly FSDP-sharded, possibly EMA) UNet parameters every time without a recompile. One compile
+per (scheduler kind, step count, batch, size, guidance on/off, output type); jit's cache keeps them.
+The batch is split over all devices of the mesh; the scheduler's tables are replicated."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_flax import errors, sharding
+from t2i_flax.diffusion import schedulers
+
+OUTPUT_TYPES = ("np", "latent")
+# The parts of the VAE that decoding reads (the encoder half stays out of the program).
+VAE_DECODER_PARAMS = ("decoder", "post_quant_conv")
+
+
+def sampler_params(unet_params, text_encoder_params, vae_params) -> dict:
+    """The parameter tree the sampling program takes: {"unet", "text_encoder", "vae" (decoder half)}."""
+    return {"unet": unet_params, "text_encoder": text_encoder_params,
+            "vae": {name: vae_params[name] for name in VAE_DECODER_PARAMS if name in vae_params}}
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.block_out_channels) - 1)
+
+
+def default_size(unet, vae) -> tuple[int, int]:
+    """(height, width) = the UNet's sample_size x the VAE's factor, as diffusers."""
+    size = unet.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return height * vae_scale_factor(vae), width * vae_scale_factor(vae)
+
+
+def check_size(height: int, width: int, vae) -> None:
+    factor = vae_scale_factor(vae)
+    for name, value in (("height", height), ("width", width)):
+        if value < factor or value % factor:
+            raise errors.FlagError(f"--{name} {value} must be a positive multiple of {factor} (the VAE's factor)")
+
+
+def initial_noise(seed: int, num_images: int, latent_shape_CHW) -> np.ndarray:
+    """Gaussian latents (num_images, C, h, w) float32; image i draws from fold_in(key(seed), i), so it does
+    not depend on how many images are made with it."""
+    key = jax.random.key(seed)
+    draw = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(latent_shape_CHW))))
+    return np.asarray(draw(jnp.arange(num_images)), np.float32)
+
+
+def to_uint8(images_BHWC) -> np.ndarray:
+    """[0, 1] floats -> uint8 as diffusers' numpy_to_pil: round(x * 255)."""
+    return (np.asarray(images_BHWC, np.float32) * 255).round().astype(np.uint8)
+
+
+class Sampler:
+    """The sampling program for one set of modules on one mesh.
+
+    `unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD) -> noise_pred_NCHW` replaces
+    `unet.apply` (e.g. to apply LoRA adapters to the parameters first): N is 2B with guidance, `timestep`
+    a float32 scalar, `unet_params` the program's argument params["unet"]."""
+
+    def __init__(self, unet, vae, text_encoder, mesh, unet_fn: Callable | None = None):
+        self.unet, self.vae, self.text_encoder, self.mesh = unet, vae, text_encoder, mesh
+        self.unet_fn = unet_fn or self._apply_unet
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.traces = 0  # how many times the program was traced (one per compile)
+        self.program = jax.jit(self._sample, static_argnames=("guidance", "output_type"),
+                               out_shardings=self.batch_sharding)
+
+    # ---- shapes and placement --------------------------------------------------------------------
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        check_size(height, width, self.vae)
+        factor = vae_scale_factor(self.vae)
+        return batch, self.unet.in_channels, height // factor, width // factor
+
+    def place_params(self, params):
+        """Host (or differently placed) params -> the mesh, by sharding.tree_shardings."""
+        return jax.device_put(params, sharding.tree_shardings(self.mesh, params))
+
+    def place_batch(self, array):
+        """A whole batch (the same on every host) -> split along its first axis over the mesh."""
+        array = array if isinstance(array, jax.Array) else np.asarray(array)
+        if array.shape[0] % self.mesh.size:
+            raise errors.FlagError(f"a batch of {array.shape[0]} images does not split over the {self.mesh.size} "
+                                   f"devices of the mesh: use a multiple of {self.mesh.size}")
+        if isinstance(array, jax.Array):
+            return jax.device_put(array, self.batch_sharding)
+        # Each host puts its own devices' rows (explicit transfers, also with several hosts).
+        where = self.batch_sharding.addressable_devices_indices_map(array.shape)
+        shards = [jax.device_put(array[index], device) for device, index in where.items()]
+        return jax.make_array_from_single_device_arrays(array.shape, self.batch_sharding, shards)
+
+    def place_inputs(self, prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler: schedulers.Scheduler,
+                     guidance_scale: float):
+        """The program's arguments after the params, moved explicitly (so that a caller running under
+        jax.transfer_guard("disallow") can place them once and call `program`/a compiled one)."""
+        replicated = sharding.replicated(self.mesh)
+        negative = self.place_batch(negative_ids_BL) if guidance_scale > 1.0 else None
+        return (self.place_batch(prompt_ids_BL), negative, self.place_batch(noise_BCHW),
+                jax.device_put(scheduler, replicated), jax.device_put(np.float32(guidance_scale), replicated))
+
+    # ---- running and compiling -------------------------------------------------------------------
+    def __call__(self, params, prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler: schedulers.Scheduler,
+                 guidance_scale: float = 7.5, output_type: str = "np"):
+        """Images (B, H, W, 3) float32 in [0, 1], or with output_type="latent" the final latents (B, C, h, w),
+        as a jax.Array split over the mesh.
+
+        `noise_BCHW`: the initial latents before the scheduler's init_noise_sigma (diffusers' `latents=`).
+        `guidance_scale` > 1 turns classifier-free guidance on; `negative_ids_BL` (tokenized negative
+        prompts, "" for none) is then needed, and ignored otherwise."""
+        if output_type not in OUTPUT_TYPES:
+            raise errors.FlagError(f"output_type {output_type!r} is not one of: {', '.join(OUTPUT_TYPES)}")
+        inputs = self.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale)
+        return self.program(params, *inputs, guidance=guidance_scale > 1.0, output_type=output_type)
+
+    def compile(self, abstract_params, scheduler: schedulers.Scheduler, batch: int, height: int, width: int,
+                guidance: bool, output_type: str = "np", max_length: int | None = None):
+        """Ahead-of-time compile from shapes only (e.g. before training, so that a sampler that does not fit
+        device memory fails early). `abstract_params`: ShapeDtypeStructs (or arrays) of `sampler_params`;
+        leaves without a sharding get the sharding table's. Returns the jax Compiled program, called as
+        `compiled(params, *sampler.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler,
+        guidance_scale))` with params placed as the abstract ones say."""
+        if batch % self.mesh.size:
+            raise errors.FlagError(f"a batch of {batch} images does not split over {self.mesh.size} devices")
+        shardings = sharding.tree_shardings(self.mesh, abstract_params)
+        params = jax.tree_util.tree_map(
+            lambda leaf, where: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype,
+                                                     sharding=getattr(leaf, "sharding", None) or where),
+            abstract_params, shardings)
+        max_length = max_length or self.text_encoder.max_position_embeddings
+        ids = jax.ShapeDtypeStruct((batch, max_length), jnp.int32, sharding=self.batch_sharding)
+        noise = jax.ShapeDtypeStruct(self.latent_shape(batch, height, width), jnp.float32,
+                                     sharding=self.batch_sharding)
+        replicated = sharding.replicated(self.mesh)
+        abstract_scheduler = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), scheduler)
+        scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+        lowered = self.program.lower(params, ids, ids if guidance else None, noise, abstract_scheduler, scale,
+                                     guidance=guidance, output_type=output_type)
+        return lowered.compile()
+
+    # ---- the program -----------------------------------------------------------------------------
+    def _apply_unet(self, unet_params, latents_BCHW, timestep, text_embeddings_BLD):
+        return self.unet.apply({"params": unet_params}, latents_BCHW, timestep, text_embeddings_BLD).sample
+
+    def _encode(self, text_params, ids_BL):
+        return self.text_encoder.apply({"params": text_params}, ids_BL).last_hidden_state
+
+    def _sample(self, params: dict[str, Any], prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale,
+                *, guidance: bool, output_type: str):
+        self.traces += 1
+        constrain = lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding)  # noqa: E731
+        # N: 2B with guidance (one UNet batch [uncond; cond], as diffusers), else B.
+        text_embeddings_BLD = self._encode(params["text_encoder"], prompt_ids_BL)
+        context_NLD = text_embeddings_BLD
+        if guidance:
+            negative_embeddings_BLD = self._encode(params["text_encoder"], negative_ids_BL)
+            context_NLD = constrain(jnp.concatenate([negative_embeddings_BLD, text_embeddings_BLD]))
+        latents_BCHW = noise_BCHW.astype(jnp.float32) * scheduler.init_noise_sigma
+        state = schedulers.init_state(scheduler, latents_BCHW.shape)
+
+        def denoise(i, carry):
+            latents_BCHW, state = carry
+            model_input_NCHW = jnp.concatenate([latents_BCHW] * 2) if guidance else latents_BCHW
+            model_input_NCHW = constrain(schedulers.scale_model_input(scheduler, model_input_NCHW, i))
+            noise_pred_NCHW = self.unet_fn(params["unet"], model_input_NCHW, scheduler.timesteps[i],
+                                           context_NLD).astype(jnp.float32)
+            if guidance:
+                noise_pred_uncond_BCHW, noise_pred_text_BCHW = jnp.split(noise_pred_NCHW, 2)
+                noise_pred_BCHW = noise_pred_uncond_BCHW + guidance_scale * (noise_pred_text_BCHW
+                                                                             - noise_pred_uncond_BCHW)
+            else:
+                noise_pred_BCHW = noise_pred_NCHW
+            latents_BCHW, state = schedulers.step(scheduler, state, noise_pred_BCHW, i, latents_BCHW)
+            return constrain(latents_BCHW), state
+
+        latents_BCHW, _ = jax.lax.fori_loop(0, scheduler.num_steps, denoise, (latents_BCHW, state))
+        if output_type == "latent":
+            return latents_BCHW
+        decoded_BCHW = self.vae.apply({"params": params["vae"]}, latents_BCHW / self.vae.scaling_factor,
+                                      method=self.vae.decode).sample
+        images_BCHW = jnp.clip(decoded_BCHW.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        return jnp.transpose(images_BCHW, (0, 2, 3, 1))  # NCHW -> NHWC, as diffusers' output_type="np"

@@ -1,0 +1,100 @@
+"""Validation images while training: a periodic action of the loop.
+
+    validation = Validation(settings, mesh, unet, vae, text_encoder, ...)    # compiles ahead of time
+    path, grid_HWC = validation(step, unet_params)                           # <output_dir>/validation/step_<step>.png
+
+The prompts, their tokens and the initial noise are fixed for the whole run (seeded by --seed), so grids
+compare across steps. The program is the sampler's (t2i_flax/diffusion/sample.py), compiled once on the
+training mesh with the training parameters' shardings; it reads the current weights and changes nothing
+of the training state. With --use_ema the trainer passes the EMA weights, as the PyTorch script does."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image, ImageDraw, ImageFont
+
+from t2i_flax import sharding
+from t2i_flax.config import ValidationConfig
+from t2i_flax.diffusion import sample, schedulers
+from t2i_flax.errors import FlagError
+from t2i_flax.tokenizer import tokenize_captions
+
+LABEL_HEIGHT = 14  # pixels of prompt text above each row of the grid
+
+
+class Validation:
+    def __init__(self, settings: ValidationConfig, mesh, unet, vae, text_encoder, clip_tokenizer,
+                 scheduler_config: dict, text_params, vae_params, unet_params_abstract, resolution: int, seed: int,
+                 output_dir: str, unet_fn=None):
+        """`text_params`: the frozen text encoder as the step has it (on the mesh); `vae_params`: host VAE
+        parameters (only the decoder half goes to the devices); `unet_params_abstract`: the shapes and
+        shardings of the UNet params the trainer will pass."""
+        self.settings, self.output_dir = settings, output_dir
+        self.prompts = list(settings.validation_prompts)
+        per_prompt = settings.num_validation_images
+        count = len(self.prompts) * per_prompt
+        batch = -(-count // mesh.size) * mesh.size  # padded to split over the devices; padding is dropped
+        self.count, self.per_prompt = count, per_prompt
+        prompts = [p for p in self.prompts for _ in range(per_prompt)] + [""] * (batch - count)
+        prompt_ids, _ = tokenize_captions(clip_tokenizer, prompts)
+        negative_ids, _ = tokenize_captions(clip_tokenizer, [""] * batch)
+        self.sampler = sample.Sampler(unet, vae, text_encoder, mesh, unet_fn)
+        self.scheduler = schedulers.make_scheduler(scheduler_config, settings.validation_num_inference_steps,
+                                                   settings.validation_scheduler)
+        noise = sample.initial_noise(seed, batch, self.sampler.latent_shape(batch, resolution, resolution)[1:])
+        dtype = jax.tree_util.tree_leaves(text_params)[0].dtype
+        decoder = {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS}
+        decoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), decoder)
+        self.vae_params = jax.device_put(decoder, sharding.tree_shardings(mesh, decoder))
+        self.text_params = text_params
+        guidance = settings.validation_guidance_scale > 1.0
+        abstract = sample.sampler_params(unet_params_abstract, _abstract(text_params), _abstract(self.vae_params))
+        try:
+            self.program = self.sampler.compile(abstract, self.scheduler, batch, resolution, resolution, guidance,
+                                                max_length=prompt_ids.shape[1])
+        except jax.errors.JaxRuntimeError as error:  # a sampler that does not fit: before the first step
+            if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+                raise
+            raise FlagError(f"the validation sampler does not fit device memory ({str(error).splitlines()[0][:200]}): "
+                            f"lower --num_validation_images or use fewer --validation_prompts") from None
+        self.inputs = self.sampler.place_inputs(prompt_ids, negative_ids, noise, self.scheduler,
+                                                settings.validation_guidance_scale)
+
+    def __call__(self, finished_steps: int, unet_params) -> tuple[str, np.ndarray]:
+        """Draws the prompts with `unet_params`; writes the grid (process 0) and returns (path, grid)."""
+        images = self.program(sample.sampler_params(unet_params, self.text_params, self.vae_params), *self.inputs)
+        images = multihost_utils.process_allgather(images, tiled=True)[: self.count]
+        grid = labelled_grid(sample.to_uint8(images), self.prompts, self.per_prompt)
+        path = os.path.join(self.output_dir, "validation", f"step_{finished_steps}.png")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(grid).save(path)
+        return path, grid
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+MIN_TILE = 128  # smaller images (tiny test models) are enlarged in the grid, so that they can be looked at
+
+
+def labelled_grid(images: np.ndarray, prompts: list[str], per_prompt: int) -> np.ndarray:
+    """(prompts x per_prompt, H, W, 3) uint8 -> one image: a row per prompt, its text above it."""
+    _, height, width, _ = images.shape
+    zoom = max(1, MIN_TILE // width)
+    if zoom > 1:
+        images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+        height, width = height * zoom, width * zoom
+    canvas = Image.new("RGB", (per_prompt * width, len(prompts) * (height + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for row, prompt in enumerate(prompts):
+        top = row * (height + LABEL_HEIGHT)
+        draw.text((2, top + 1), prompt, fill="black", font=font)
+        for column in range(per_prompt):
+            canvas.paste(Image.fromarray(images[row * per_prompt + column]), (column * width, top + LABEL_HEIGHT))
+    return np.asarray(canvas)
