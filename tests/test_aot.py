@@ -1,0 +1,185 @@
+"""t2i_flax.aot: the real train step compiled ahead of time for a TPU v3-8 topology on this CPU host (libtpu,
+requirements-dev.txt), on the tiny pipeline. Each configuration runs `python -m t2i_flax.aot --json` in its own
+process (the test process's jax is the CPU one with 8 simulated devices); the per-device numbers it reports
+are checked against bytes computed here from the model's shapes and the sharding rule written out by hand."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from t2i_flax import weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES, BATCH, DEVICES, TEXT_LENGTH = 32, 2, 8, 77
+GiB = 2**30
+
+
+def run_aot(pipeline_dir, *flags, json_output=True):
+    command = [sys.executable, "-m", "t2i_flax.aot", "--topology", "v3-8",
+               "--pretrained_model_name_or_path", pipeline_dir, "--resolution", str(RES), *flags]
+    if json_output:
+        command.append("--json")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no simulated CPU devices needed there
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def shapes(pipeline_dir):
+    """{path: shape} of the UNet, the VAE's encoder half and the text encoder, from their configs."""
+    from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+
+    def flat(cls, sub):
+        module, _ = cls.from_pretrained(pipeline_dir, subfolder=sub, load_weights=False)
+        return {path: tuple(leaf.shape) for path, leaf in weights.flatten(module.abstract_params()).items()}
+
+    vae = flat(FlaxAutoencoderKL, "vae")
+    return {"unet": flat(FlaxUNet2DConditionModel, "unet"),
+            "vae_encoder": {p: s for p, s in vae.items() if p[0] in ("encoder", "quant_conv")},
+            "vae_decoder": {p: s for p, s in vae.items() if p[0] in ("decoder", "post_quant_conv")},
+            "text_encoder": flat(FlaxCLIPTextModel, "text_encoder")}
+
+
+def fsdp_shard(path, shape, n):
+    """The shard one device holds under --fsdp n, written out from the README's rule: kernels split along their
+    output features (last axis), embeddings along the vocabulary (first axis), when it divides; else whole."""
+    shape = list(shape)
+    if n > 1 and path[-1] == "kernel" and len(shape) in (2, 4) and shape[-1] % n == 0:
+        shape[-1] //= n
+    elif n > 1 and path[-1] == "embedding" and len(shape) == 2 and shape[0] % n == 0:
+        shape[0] //= n
+    return shape
+
+
+def tree_bytes(flat_shapes, itemsize, fsdp=1):
+    return sum(int(np.prod(fsdp_shard(path, shape, fsdp))) * itemsize for path, shape in flat_shapes.items())
+
+
+@pytest.fixture(scope="module")
+def replicated(pipeline_dir):
+    done = run_aot(pipeline_dir, "--train_batch_size", str(BATCH))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def fsdp8_ema_validation(pipeline_dir):
+    done = run_aot(pipeline_dir, "--train_batch_size", str(BATCH), "--fsdp", "8", "--use_ema", "--mixed_precision",
+                   "bf16", "--validation_prompts", "a red circle", "--num_validation_images", "3")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_v3_8_topology_and_its_usable_memory(replicated):
+    assert replicated["devices"] == DEVICES and replicated["hosts"] == 1
+    assert replicated["device_kind"] == "TPU v3" and replicated["libtpu_topology"] == "v3:2x2"
+    assert replicated["mesh"] == {"data": 8, "fsdp": 1}
+    assert replicated["global_batch"] == BATCH * DEVICES
+    # The compiler's "available HBM (15.48G)", bisected to 1 MiB: 15.482 GiB per v3 core.
+    assert replicated["usable_hbm_source"] == "compiler"
+    assert 15.475 * GiB <= replicated["usable_hbm_bytes"] <= 15.485 * GiB
+    assert replicated["fits"] and replicated["train_step"]["fits"]
+
+
+def test_replicated_per_core_bytes_are_the_shapes_bytes(replicated, shapes):
+    found = replicated["train_step"]["shapes"]
+    params = tree_bytes(shapes["unet"], 4)
+    assert params == 4 * 792_964 == replicated["train_step"]["trained_params"] * 4
+    assert found["params_bytes"] == params
+    assert found["ema_bytes"] == 0
+    # Adam's two moments, plus its int32 step counters (optax's adam and schedule counts).
+    assert 2 * params < found["opt_state_bytes"] <= 2 * params + 4 * 4
+    assert found["step_and_rng_bytes"] == 4 + 8  # int32 step, uint32[2] key
+    frozen = tree_bytes(shapes["vae_encoder"], 4) + tree_bytes(shapes["text_encoder"], 4)  # float32 compute
+    assert found["frozen_bytes"] == frozen
+    assert found["batch_bytes"] == BATCH * (3 * RES * RES * 4 + TEXT_LENGTH * 4)
+    assert found["argument_bytes"] == sum(found[k] for k in ("params_bytes", "opt_state_bytes", "ema_bytes",
+                                                            "step_and_rng_bytes", "frozen_bytes", "batch_bytes"))
+
+
+def test_compiled_arguments_are_the_padded_layouts_and_the_state_is_donated(replicated, fsdp8_ema_validation):
+    for result in (replicated, fsdp8_ema_validation):
+        step = result["train_step"]
+        memory, padded, logical = step["memory"], step["padded"], step["shapes"]
+        # The compiler's argument bytes are exactly our arguments laid out in TPU tiles (e.g. (8, 128) for f32).
+        assert memory["argument_bytes"] == padded["argument_bytes"]
+        for name in ("params_bytes", "opt_state_bytes", "frozen_bytes", "batch_bytes"):
+            assert logical[name] <= padded[name] < 4 * logical[name] + 2**20
+        state = sum(padded[k] for k in ("params_bytes", "opt_state_bytes", "ema_bytes", "step_and_rng_bytes"))
+        assert memory["alias_bytes"] == state  # the donated state's buffers are reused by the new state
+        assert memory["total_bytes"] == (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+                                         + memory["temp_bytes"])
+        assert 0 < memory["total_bytes"] < result["usable_hbm_bytes"]
+
+
+def test_fsdp8_shards_params_adam_ema_and_frozen_models(replicated, fsdp8_ema_validation, shapes):
+    assert fsdp8_ema_validation["mesh"] == {"data": 1, "fsdp": 8}
+    found = fsdp8_ema_validation["train_step"]["shapes"]
+    params = tree_bytes(shapes["unet"], 4, fsdp=8)
+    assert found["params_bytes"] == found["ema_bytes"] == params
+    assert 2 * params < found["opt_state_bytes"] <= 2 * params + 16
+    # The frozen models run in bf16 (2 bytes) and are sharded by the same rule.
+    assert found["frozen_bytes"] == tree_bytes(shapes["vae_encoder"], 2, 8) + tree_bytes(shapes["text_encoder"], 2, 8)
+    # Against the replicated run: the shrink factor of the parameters is the one the rule gives (all but biases,
+    # norms and indivisible kernels split 8 ways): 792,964 float32 -> 106,516 per core.
+    factor = replicated["train_step"]["shapes"]["params_bytes"] / found["params_bytes"]
+    assert factor == pytest.approx(tree_bytes(shapes["unet"], 4) / params)
+    assert params == 4 * 106_516 and 7.4 < factor < 7.5
+
+
+def test_validation_sampler_is_compiled_with_the_training_state_beside_it(fsdp8_ema_validation, shapes):
+    validation = fsdp8_ema_validation["validation"]
+    assert validation["fits"] and validation["images"] == 3 and validation["batch"] == 8  # padded to the devices
+    assert validation["scheduler"] == "pndm" and validation["steps"] == 20 and validation["guidance"]
+    found = fsdp8_ema_validation["train_step"]["shapes"]
+    # Resident beside the sampler: the state and frozen models, less what the sampler reads (EMA UNet, text).
+    text = tree_bytes(shapes["text_encoder"], 2, 8)
+    assert validation["resident_bytes"] == found["state_bytes"] + found["frozen_bytes"] - found["ema_bytes"] - text
+    assert validation["with_training_bytes"] == validation["memory"]["total_bytes"] + validation["resident_bytes"]
+    # The VAE decoder goes to the devices for validation only, in bf16, sharded like the rest.
+    assert validation["decoder_bytes"] == tree_bytes(shapes["vae_decoder"], 2, 8)
+
+
+def test_lora_trains_only_the_adapters_on_the_frozen_unet(pipeline_dir, shapes):
+    done = run_aot(pipeline_dir, "--train_batch_size", str(BATCH), "--lora_rank", "4", "--use_ema",
+                   "--mixed_precision", "bf16")
+    assert done.returncode == 0, done.stderr
+    step = json.loads(done.stdout)["train_step"]
+    adapted = {path: shape for path, shape in shapes["unet"].items()
+               if path[-1] == "kernel" and len(path) >= 3 and path[-3] in ("attn1", "attn2")
+               and path[-2] in ("query", "key", "value", "proj_attn")}
+    assert len(adapted) == 4 * 2 * 4  # 4 transformer blocks (down 1, mid 1, up 2) x attn1/attn2 x q, k, v, out
+    trained = sum(4 * (shape[0] + shape[1]) for shape in adapted.values())
+    assert step["trained_params"] == trained
+    assert step["shapes"]["params_bytes"] == step["shapes"]["ema_bytes"] == 4 * trained
+    # The frozen UNet joins the frozen models, in bf16.
+    frozen = sum(tree_bytes(shapes[name], 2) for name in ("unet", "vae_encoder", "text_encoder"))
+    assert step["shapes"]["frozen_bytes"] == frozen
+
+
+def test_a_batch_that_does_not_fit_shows_the_compiler_line_and_exits_3(pipeline_dir):
+    done = run_aot(pipeline_dir, "--train_batch_size", "20000", json_output=False)
+    assert done.returncode == 3, done.stderr
+    lines = done.stdout.splitlines()
+    exhausted = [line for line in lines if "RESOURCE_EXHAUSTED" in line]
+    assert len(exhausted) == 1 and "exceeds available HBM (15.48G)" in exhausted[0]
+    assert "DOES NOT FIT" in exhausted[0]
+    assert lines[-1] == "result: DOES NOT FIT on a v3-8"
+    assert "batch 20000 per device (160000 global) at 32 px" in done.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--topology", "v9-8"], "error: --topology 'v9-8' is not one of: v3-8, v4-8, v5e-8"),
+    (["--fsdp", "3"], "error: --fsdp 3 must divide the device count 8"),
+    (["--gradient_checkpointing"], "error: --gradient_checkpointing: the JAX/Flax trainer has no gradient"),
+    (["--learning-rate", "1"], "error: unrecognized arguments: --learning-rate 1"),
+])
+def test_bad_flags_are_one_line_with_exit_2(pipeline_dir, flags, message):
+    done = run_aot(pipeline_dir, *flags)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message), done.stderr
