@@ -27,3 +27,17 @@ TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidd
                  max_position_embeddings=77, hidden_act="quick_gelu")
 
 CONFIGS = {"sd15": (SD15_UNET, SD15_VAE, SD15_CLIP), "tiny": (TINY_UNET, TINY_VAE, TINY_CLIP)}
+
+# SD 2.x (stabilityai/stable-diffusion-2-base, -2-1): the UNet's heads are given per block as attention_head_dim
+# (5, 10, 20, 20) heads of 64 channels, cross-attention over the 1024-wide OpenCLIP-H text encoder (23 layers,
+# GELU), linear projections in the transformers. 2-base is 512 px (64x64 latents, epsilon); 2-1 is 768 px
+# (96x96 latents, v_prediction) and upcasts attention to float32. The VAE is SD 1.5's. Not in
+# ../shared/bench/configs.py (the anchor has no SD 2 run).
+SD2_UNET = dict(SD15_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+SD21_UNET = dict(SD2_UNET, sample_size=96, upcast_attention=True)
+SD2_CLIP = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+
+CONFIGS.update({"sd2-base": (SD2_UNET, SD15_VAE, SD2_CLIP), "sd21": (SD21_UNET, SD15_VAE, SD2_CLIP)})
+# Each config's native resolution and its scheduler's prediction type.
+NATIVE = {"sd15": (512, "epsilon"), "sd2-base": (512, "epsilon"), "sd21": (768, "v_prediction"), "tiny": (32, "epsilon")}

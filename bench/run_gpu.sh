@@ -41,7 +41,7 @@ cat "$OUT/env.log" >&2
 if ls bench/anchor/diffusers-*.whl >/dev/null 2>&1; then
   timeout 60 "$PY" -m pip install -q --no-deps --no-compile --target /tmp/site bench/anchor/diffusers-*.whl \
     > "$OUT/pip.log" 2>&1
-  run torch_anchor 120 env PYTHONPATH=/tmp/site:bench/anchor "$PY" bench/anchor/torch_anchor.py \
+  run torch_anchor 110 env PYTHONPATH=/tmp/site:bench/anchor "$PY" bench/anchor/torch_anchor.py \
     --config "$CONFIG" --res "$RES" --batch "$BATCH" --steps 10
 else
   echo '{"bench": "torch_anchor", "failed": "bench/anchor/ missing: run bash bench/fetch_anchor.sh and carry bench/anchor"}' >> "$results"
@@ -50,9 +50,12 @@ fi
 # 2. Our step: SD 1.5 shapes, 512 px, batch 8, bf16 compute, XLA then cuDNN attention.
 # The JAX runs keep the GPU to themselves (torch has exited); JAX preallocates 75% of it by default.
 for attention in xla cudnn; do
-  run "jax_${CONFIG}_${attention}" 170 "$PY" bench/train_step.py --config "$CONFIG" --res "$RES" --batch "$BATCH" --dtype bf16 \
+  run "jax_${CONFIG}_${attention}" 140 "$PY" bench/train_step.py --config "$CONFIG" --res "$RES" --batch "$BATCH" --dtype bf16 \
     --attention "$attention" --steps 10 --warmup 2
 done
+# 3. The step of --cache_latents (no VAE encoder in the step).
+run "jax_${CONFIG}_cudnn_cached_latents" 130 "$PY" bench/train_step.py --config "$CONFIG" --res "$RES" --batch "$BATCH" \
+  --dtype bf16 --attention cudnn --cache_latents --steps 10 --warmup 2
 
 echo "== results ($results)" >&2
 cat "$results"

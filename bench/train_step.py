@@ -2,6 +2,8 @@
 
     python bench/train_step.py --config sd15 --res 512 --batch 8 --dtype bf16 --attention cudnn   # GPU
     python bench/train_step.py --config tiny --res 32 --batch 2 --steps 3 --cpu_devices 8         # CPU smoke
+    python bench/train_step.py --config sd15 --batch 1 --dtype no --compile_only \
+        --compilation_cache_dir /tmp/cc   # twice: SD 1.5 compile time, cold then warm cache (CPU)
 
 What is timed: the whole online step as the trainer runs it (VAE encode + CLIP text encoder + UNet forward
 and backward + clip + AdamW [+ EMA]), compiled ahead of time with the trainer's shardings, on one fixed
@@ -58,8 +60,16 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=("none", "xla", "cudnn"), default="xla")
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--cache_latents", action="store_true",
+                        help="the step of --cache_latents: posterior moments in the batch, no VAE encoder")
     parser.add_argument("--cpu_devices", type=int, default=0, help="N host devices (sets XLA_FLAGS before jax)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile_only", action="store_true",
+                        help="lower and compile from ShapeDtypeStructs (nothing materialised: SD 1.5 on a 24 GiB "
+                             "host), report compile_s and cost_analysis, run no step")
+    parser.add_argument("--compilation_cache_dir", default="none",
+                        help="JAX's persistent compilation cache folder (as the trainer's flag; default none: "
+                             "every run compiles). Run twice with one folder for the cold and the warm compile_s.")
     return parser.parse_args(argv)
 
 
@@ -94,13 +104,13 @@ def build_step_config(unet, vae, text_encoder, use_ema: bool, total_steps: int =
                            optimizer=optimizer, learning_rate=schedule, use_ema=use_ema)
 
 
-def abstract_frozen(vae, text_encoder, dtype):
+def abstract_frozen(vae, text_encoder, dtype, cache_latents: bool = False):
     """ShapeDtypeStructs of what the step reads of the frozen models, in the compute dtype (as train.py)."""
     import jax
 
     from t2i_flax import step
 
-    tree = step.frozen_params(vae.abstract_params(), text_encoder.abstract_params())
+    tree = step.frozen_params(None if cache_latents else vae.abstract_params(), text_encoder.abstract_params())
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
 
 
@@ -165,6 +175,43 @@ def gib(value):
     return None if value is None else round(value / 2**30, 3)
 
 
+def compile_only(args, config, mesh, unet, vae, text_encoder, dtype, global_size: int, res: int) -> None:
+    """The step lowered from sharded ShapeDtypeStructs and compiled: compile_s, FLOPs, compiled memory."""
+    import jax
+    import jax.numpy as jnp
+
+    from t2i_flax import sharding, step
+
+    def placed(tree, shardings):
+        return jax.tree_util.tree_map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), tree,
+                                      shardings)
+
+    abstract_state, state_sharding = step.state_shardings(config, mesh, unet.abstract_params(), args.seed)
+    frozen = abstract_frozen(vae, text_encoder, dtype, args.cache_latents)
+    frozen_sharding = sharding.tree_shardings(mesh, frozen)
+    batch = abstract_batch(mesh, global_size, res)
+    if args.cache_latents:
+        where = sharding.batch_sharding(mesh)
+        latent = jax.ShapeDtypeStruct((global_size, vae.latent_channels, res // 8, res // 8), jnp.float32,
+                                      sharding=where)
+        batch = {"input_ids": batch["input_ids"], "latent_mean": latent, "latent_std": latent}
+    train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
+    start = time.perf_counter()
+    lowered = train_step.lower(placed(abstract_state, state_sharding), placed(frozen, frozen_sharding), batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    analysis = memory_analysis_dict(compiled)
+    print(json.dumps({
+        "bench": "t2i_flax_train_step_compile", "config": args.config, "res": res, "batch_per_device": args.batch,
+        "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform, "dtype": args.dtype,
+        "attention": args.attention, "fsdp": args.fsdp, "use_ema": args.use_ema, "cache_latents": args.cache_latents,
+        "compilation_cache_dir": args.compilation_cache_dir, "lower_s": round(lower_s, 3),
+        "compile_s": round(compile_s, 3), "flops_per_step_per_device": cost_flops(compiled),
+        "compiled_mem_gib": gib(analysis["total_bytes"]) if analysis else None, "jax": jax.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}), flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.cpu_devices:
@@ -177,8 +224,9 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from t2i_flax import sharding, step
+    from t2i_flax import compile_cache, sharding, step
 
+    compile_cache.enable(args.compilation_cache_dir)
     dtype = {"bf16": jnp.bfloat16, "no": jnp.float32}[args.dtype]
     attention = None if args.attention == "none" else args.attention
     devices = jax.devices()
@@ -189,16 +237,24 @@ def main(argv=None) -> None:
     config = build_step_config(unet, vae, text_encoder, args.use_ema)
     rng = np.random.default_rng(args.seed)
 
+    if args.compile_only:
+        return compile_only(args, config, mesh, unet, vae, text_encoder, dtype, global_size, res)
+
     # ---- state, frozen models, batch on the devices (random weights of the real shapes) --------------
     start = time.perf_counter()
     params = random_like(unet.abstract_params(), rng)
     state, state_sharding = step.create_state(config, mesh, params, args.seed)
     del params
-    frozen = random_like(abstract_frozen(vae, text_encoder, dtype), rng)
+    frozen = random_like(abstract_frozen(vae, text_encoder, dtype, args.cache_latents), rng)
     frozen_sharding = sharding.tree_shardings(mesh, frozen)
     frozen = jax.device_put(frozen, frozen_sharding)
-    host_batch = {"pixel_values": rng.uniform(-1, 1, (global_size, 3, res, res)).astype(np.float32),
-                  "input_ids": rng.integers(0, text_encoder.vocab_size, (global_size, MAX_TEXT_LENGTH), dtype=np.int32)}
+    host_batch = {"input_ids": rng.integers(0, text_encoder.vocab_size, (global_size, MAX_TEXT_LENGTH), dtype=np.int32)}
+    if args.cache_latents:
+        latent = (global_size, vae.latent_channels, res // 8, res // 8)
+        host_batch.update(latent_mean=rng.normal(size=latent).astype(np.float32),
+                          latent_std=rng.uniform(0.01, 0.1, latent).astype(np.float32))
+    else:
+        host_batch["pixel_values"] = rng.uniform(-1, 1, (global_size, 3, res, res)).astype(np.float32)
     batch = sharding.global_batch(mesh, host_batch)  # single process: the host batch is the global batch
     jax.block_until_ready((state, frozen, batch))
     setup_s = time.perf_counter() - start
@@ -241,7 +297,8 @@ def main(argv=None) -> None:
         "bench": "t2i_flax_train_step", "config": args.config, "res": res, "batch_per_device": args.batch,
         "global_batch": global_size, "devices": len(devices), "platform": device.platform,
         "device_kind": device_kind, "dtype": args.dtype, "attention": args.attention, "fsdp": args.fsdp,
-        "use_ema": args.use_ema, "steps": args.steps, "warmup": args.warmup,
+        "use_ema": args.use_ema, "cache_latents": args.cache_latents, "steps": args.steps, "warmup": args.warmup,
+        "compilation_cache_dir": args.compilation_cache_dir,
         "setup_s": round(setup_s, 3), "compile_s": round(compile_s, 3), "step_s": round(step_s, 5),
         "img_per_s": round(global_size / step_s, 3),
         "flops_per_step_per_device": flops_used, "flops_source": flops_source,

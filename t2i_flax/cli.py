@@ -7,12 +7,12 @@ Bad input is one line on stderr and exit code 2. JAX is imported only after the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
-EXIT_USAGE = 2
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+from t2i_flax import errors
+from t2i_flax.config import SCHEDULES, RunConfig
+from t2i_flax.errors import EXIT_USAGE, FlagError  # noqa: F401  (EXIT_USAGE: the documented exit code)
 
 # Flags the documented Flax trainer does not have (its docs say so); one line each on why and what instead.
 NOT_IN_FLAX_TRAINER = {
@@ -25,20 +25,16 @@ NOT_IN_FLAX_TRAINER = {
     "snr_gamma": "--snr_gamma: Min-SNR weighting is only in the PyTorch script (as diffusers' docs say); "
                  "use diffusers' train_text_to_image.py for it",
 }
-# The PyTorch script's flags for features this version does not have yet.
-NOT_YET = {
-    "checkpointing_steps": "--checkpointing_steps", "checkpoints_total_limit": "--checkpoints_total_limit",
-    "resume_from_checkpoint": "--resume_from_checkpoint", "validation_prompts": "--validation_prompts",
-    "validation_epochs": "--validation_epochs",
-}
 
 
-class UsageError(ValueError):
-    """Bad flags or inputs: printed as one line, exit code 2."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # an unknown or malformed flag: one line, exit 2 (not argparse's usage block)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train_text_to_image_flax.py",
         description="Fine-tune a Stable Diffusion (1.x/2.x) model on captioned images with JAX/Flax.")
     a = p.add_argument
@@ -59,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--center_crop", action="store_true", help="Center crop (default: random crop).")
     a("--random_flip", action="store_true")
     a("--dataloader_num_workers", type=int, default=0, help="Decode worker processes (0: in the main process).")
+    a("--cache_latents", action="store_true",
+      help="Encode every image once (both flips with --random_flip); train from the stored VAE posteriors.")
+    a("--latent_cache_dir", type=str, default=None,
+      help="Where the latent cache goes (default <output_dir>/latent_cache; shared storage on several hosts).")
     # training
     a("--output_dir", type=str, default="sd-model-finetuned")
     a("--seed", type=int, default=0)
@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr_warmup_steps", type=int, default=500)
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-2, help="Not applied to biases and norm scales.")
+    a("--adam_weight_decay", type=float, default=1e-2, help="Applied to every parameter, as both reference scripts.")
     a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=1.0)
+    a("--no_decay_bias_and_norm", action="store_true",
+      help="Do not apply weight decay to biases and norm scales (the reference scripts decay everything).")
     a("--mixed_precision", type=str, default="no", help="no | bf16 (compute dtype; weights stay float32). fp16: see README.")
     a("--prediction_type", type=str, default=None, help="epsilon | v_prediction; default: the model's scheduler config.")
     a("--noise_offset", type=float, default=0.0)
@@ -83,6 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
     a("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     a("--report_to", type=str, default="tensorboard", help="tensorboard | wandb | all | none")
     a("--log_every", type=int, default=10, help="Steps between logged (averaged) metrics.")
+    # checkpoints
+    a("--checkpointing_steps", type=int, default=500,
+      help="Save a checkpoint every N steps (and always at the last step); 0: only at the last step.")
+    a("--checkpoints_total_limit", type=int, default=3, help="Keep the newest N checkpoints (0: all).")
+    a("--checkpoints_dir", type=str, default=None,
+      help="Where checkpoints go (default <output_dir>/checkpoints); a gs://bucket/path on TPU VMs.")
+    a("--resume_from_checkpoint", type=str, default=None,
+      help="latest | <step> | checkpoint-<step> | the path of a step folder.")
+    # validation images
+    a("--validation_prompts", type=str, nargs="+", default=None, help="Prompts drawn while training and at the end.")
+    a("--validation_prompt", type=str, default=None, help="One more prompt (the PyTorch LoRA script's flag).")
+    a("--validation_epochs", type=int, default=5, help="Draw them every N epochs.")
+    a("--validation_steps", type=int, default=None, help="Draw them every N steps (wins over --validation_epochs).")
+    a("--num_validation_images", type=int, default=1, help="Images per prompt.")
+    a("--validation_scheduler", type=str, default=None,
+      help="ddim | pndm | euler | dpm++2m (default: the model's scheduler).")
+    a("--validation_num_inference_steps", type=int, default=20)
+    a("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance (<= 1: off).")
+    # LoRA
+    a("--lora_rank", "--rank", dest="lora_rank", type=int, default=None,
+      help="Train LoRA adapters of this rank on the frozen UNet (default: full fine-tuning).")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank; scale = alpha / rank).")
+    a("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
+      help="UNet linear layers to adapt, PyTorch module names, comma-separated.")
+    a("--lora_merge", action="store_true", help="Also export the full pipeline with the adapters merged.")
     a("--push_to_hub", action="store_true")
     a("--hub_token", type=str, default=None)
     a("--hub_model_id", type=str, default=None)
@@ -94,80 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpu_devices", type=int, default=None, help="Simulate N CPU devices (stand-in for a TPU v3-8: 8).")
     a("--fsdp", type=int, default=1, help="Devices on the fsdp mesh axis: params, grads, optimizer, EMA sharded.")
     a("--attention", type=str, default=None, help="dot_product_attention implementation: xla | cudnn (GPU).")
+    a("--compilation_cache_dir", type=str, default=None,
+      help="JAX's persistent compilation cache (default ~/.cache/t2i_flax/jax_compilation_cache; 'none': off).")
     # refused / not yet: parsed so that the refusal is a clear sentence, not 'unrecognized argument'
     a("--gradient_checkpointing", action="store_true", help=argparse.SUPPRESS)
     a("--gradient_accumulation_steps", type=int, default=1, help=argparse.SUPPRESS)
     a("--enable_xformers_memory_efficient_attention", action="store_true", help=argparse.SUPPRESS)
     a("--snr_gamma", type=float, default=None, help=argparse.SUPPRESS)
-    for name in NOT_YET:
-        a(f"--{name}", type=str, default=None, nargs="*" if name == "validation_prompts" else None, help=argparse.SUPPRESS)
     return p
 
 
-def check_args(args) -> None:
-    """Raises UsageError with one line for the first bad flag."""
+def refuse_unsupported(args) -> None:
+    """Raises FlagError with one line for a flag this trainer refuses (the typed config checks the rest)."""
     if args.gradient_checkpointing:
-        raise UsageError(NOT_IN_FLAX_TRAINER["gradient_checkpointing"])
+        raise FlagError(NOT_IN_FLAX_TRAINER["gradient_checkpointing"])
     if args.gradient_accumulation_steps != 1:
         if args.gradient_accumulation_steps < 1:
-            raise UsageError("--gradient_accumulation_steps must be 1")
-        raise UsageError(NOT_IN_FLAX_TRAINER["gradient_accumulation_steps"])
+            raise FlagError("--gradient_accumulation_steps must be 1")
+        raise FlagError(NOT_IN_FLAX_TRAINER["gradient_accumulation_steps"])
     if args.enable_xformers_memory_efficient_attention:
-        raise UsageError(NOT_IN_FLAX_TRAINER["enable_xformers_memory_efficient_attention"])
+        raise FlagError(NOT_IN_FLAX_TRAINER["enable_xformers_memory_efficient_attention"])
     if args.snr_gamma is not None:
-        raise UsageError(NOT_IN_FLAX_TRAINER["snr_gamma"])
-    for name, flag in NOT_YET.items():
-        if getattr(args, name) is not None:
-            raise UsageError(f"{flag}: checkpoints and validation images are not in this version of t2i_flax yet; "
-                             f"drop the flag (the final model is still exported to --output_dir)")
-    if args.dataset_name is None and args.train_data_dir is None:  # both: data_dir of the named dataset
-        raise UsageError("give --dataset_name or --train_data_dir")
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise UsageError(f"--train_data_dir {args.train_data_dir} is not a folder")
-    positive = {"resolution": args.resolution, "train_batch_size": args.train_batch_size,
-                "num_train_epochs": args.num_train_epochs, "max_grad_norm": args.max_grad_norm,
-                "log_every": args.log_every, "fsdp": args.fsdp}
-    for name in ("max_train_steps", "max_train_samples", "cpu_devices"):
-        if getattr(args, name) is not None:
-            positive[name] = getattr(args, name)
-    for name, value in positive.items():
-        if not value > 0:
-            raise UsageError(f"--{name} must be positive (got {value})")
-    for name in ("learning_rate", "lr_warmup_steps", "noise_offset", "dataloader_num_workers",
-                 "adam_weight_decay", "adam_epsilon"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0 (got {getattr(args, name)})")
-    if args.resolution % 8:
-        raise UsageError(f"--resolution {args.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise UsageError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
-    if not 0.0 < args.ema_decay <= 1.0:
-        raise UsageError(f"--ema_decay must be in (0, 1] (got {args.ema_decay})")
-    if args.lr_scheduler not in SCHEDULES:
-        raise UsageError(f"--lr_scheduler {args.lr_scheduler!r} is not one of: {', '.join(SCHEDULES)}")
-    if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:
-        raise UsageError("--lr_scheduler polynomial decays to 1e-7: --learning_rate must be larger")
-    if args.mixed_precision == "fp16":
-        raise UsageError("--mixed_precision fp16 is not supported: float16 needs loss scaling and TPUs have no "
-                         "float16 units; use --mixed_precision bf16 (TPU, and GPUs from Ampere on)")
-    if args.mixed_precision not in ("no", "bf16"):
-        raise UsageError(f"--mixed_precision {args.mixed_precision!r} is not one of: no, bf16")
-    if args.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise UsageError(f"--prediction_type {args.prediction_type!r} is not one of: epsilon, v_prediction")
-    if args.attention not in (None, "xla", "cudnn"):
-        raise UsageError(f"--attention {args.attention!r} is not one of: xla, cudnn")
-    if args.attention == "cudnn" and args.mixed_precision != "bf16":
-        raise UsageError("--attention cudnn needs --mixed_precision bf16 (cuDNN flash attention has no float32)")
-    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
-        raise UsageError(f"--report_to {args.report_to!r} is not one of: tensorboard, wandb, all, none")
-    if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        raise UsageError("--hub_token with --report_to wandb would expose the token in the run's config; "
-                         "log in with `hf auth login` instead of passing --hub_token")
-    if args.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
-        raise UsageError(f"--report_to {args.report_to} needs the wandb package: pip install wandb")
-    if os.path.isfile(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir} is a file, not a folder")
+        raise FlagError(NOT_IN_FLAX_TRAINER["snr_gamma"])
+
+
+def parse_config(argv=None) -> RunConfig:
+    """Flags -> the typed run configuration; FlagError (one line) for anything wrong."""
+    args = build_parser().parse_args(argv)
+    refuse_unsupported(args)
+    flags = vars(args)
+    flags["validation_prompts"] = tuple(flags["validation_prompts"] or ()) + (
+        (flags["validation_prompt"],) if flags["validation_prompt"] is not None else ())
+    config = RunConfig.from_flags(flags)
+    config.check_paths()
+    return config
 
 
 def setup_devices(cpu_devices: int | None) -> None:
@@ -178,7 +165,7 @@ def setup_devices(cpu_devices: int | None) -> None:
         import jax
 
         if jax.device_count() != cpu_devices:
-            raise UsageError(f"--cpu_devices {cpu_devices}: JAX is already initialised with {jax.device_count()} "
+            raise FlagError(f"--cpu_devices {cpu_devices}: JAX is already initialised with {jax.device_count()} "
                              f"devices; set XLA_FLAGS=--xla_force_host_platform_device_count={cpu_devices}")
         return
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -186,38 +173,27 @@ def setup_devices(cpu_devices: int | None) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        check_args(args)
-        setup_devices(args.cpu_devices)
-        if args.multihost:
+        config = parse_config(argv)
+        setup_devices(config.devices.cpu_devices)
+        if config.devices.multihost:
             import jax
 
             # TPU pods and SLURM are detected; elsewhere JAX_COORDINATOR_ADDRESS plus these two say who is who.
             env = {name: int(os.environ[key]) for name, key in (("num_processes", "JAX_NUM_PROCESSES"),
                                                                 ("process_id", "JAX_PROCESS_ID")) if key in os.environ}
             jax.distributed.initialize(**env)
-        from t2i_flax import train
+        from t2i_flax import compile_cache, train
 
-        train.run(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, OSError) as error:  # the loaders' and data pipeline's checks, missing/unreadable files
-        if os.environ.get("T2I_FLAX_DEBUG"):
-            raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except FloatingPointError as error:  # NaN/inf loss: the run failed, the input may be fine
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        compile_cache.enable(config.devices.compilation_cache_dir)
+        train.run(config)
+    except (errors.UserError, errors.TrainingFailed) as error:  # anything else is a bug: traceback, exit 1
+        return errors.report(error)
+    except errors.Stopped as stopped:  # SIGTERM/SIGINT: the checkpoint is written and complete
+        print(stopped, file=sys.stderr, flush=True)
+        return errors.EXIT_STOPPED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -1,5 +1,6 @@
 """`make demo`: a tiny random SD pipeline and a synthetic captioned dataset, trained with the real command
-line on 8 simulated CPU devices (EMA, warmup schedule, TensorBoard), then exported. No torch, no network.
+line on 8 simulated CPU devices (EMA, warmup schedule, TensorBoard, validation images, a checkpoint), then
+exported with its model card. No torch, no network.
 
     python -m t2i_flax.demo [--workdir demo_output] [--steps 200]
 """
@@ -73,7 +74,10 @@ def main(argv=None) -> int:
             "--resolution", "32", "--center_crop", "--random_flip", "--train_batch_size", "2",
             "--max_train_steps", str(options.steps), "--learning_rate", "1e-3", "--lr_scheduler",
             "constant_with_warmup", "--lr_warmup_steps", "20", "--use_ema", "--ema_decay", "0.99",
-            "--report_to", "tensorboard", "--log_every", "10", "--cpu_devices", "8", "--seed", "0"]
+            "--report_to", "tensorboard", "--log_every", "10", "--cpu_devices", "8", "--seed", "0",
+            "--validation_prompts", "a red circle on a blue background", "a yellow square on a black background",
+            "--num_validation_images", "4", "--validation_steps", str(max(1, options.steps // 5)),
+            "--validation_num_inference_steps", "20", "--checkpointing_steps", str(options.steps)]
     print("demo: python train_text_to_image_flax.py " + " ".join(argv), flush=True)
     code = cli.main(argv)
     if code:
@@ -81,7 +85,10 @@ def main(argv=None) -> int:
     with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
         losses = [json.loads(line)["loss"] for line in handle]
     print(f"demo: loss {losses[0]:.4f} (first {10} steps) -> {losses[-1]:.4f} (last steps)")
-    print(f"demo: fine-tuned pipeline (diffusers format): {os.path.abspath(output_dir)}")
+    grids = sorted(os.listdir(os.path.join(output_dir, "validation")), key=lambda name: int(name[5:-4]))
+    print(f"demo: validation images, early: {os.path.abspath(os.path.join(output_dir, 'validation', grids[0]))}")
+    print(f"demo: validation images, end:   {os.path.abspath(os.path.join(output_dir, 'validation', grids[-1]))}")
+    print(f"demo: fine-tuned pipeline (diffusers format) with its model card: {os.path.abspath(output_dir)}")
     print(f"demo: TensorBoard logs: tensorboard --logdir {os.path.abspath(os.path.join(output_dir, 'logs'))}")
     print(f"demo: metrics: {os.path.abspath(os.path.join(output_dir, 'metrics.jsonl'))}")
     return 0

@@ -22,8 +22,10 @@ REFUSED = [
     (["--gradient_accumulation_steps", "4"], "has no gradient accumulation"),
     (["--enable_xformers_memory_efficient_attention"], "--attention cudnn"),
     (["--snr_gamma", "5.0"], "Min-SNR weighting is only in the PyTorch script"),
-    (["--checkpointing_steps", "500"], "not in this version"),
-    (["--validation_prompts", "a cat"], "not in this version"),
+    (["--lora_alpha", "8"], "need --lora_rank"),
+    (["--lora_rank", "0"], "--lora_rank must be positive"),
+    (["--validation_prompts", "a cat", "--validation_scheduler", "lms"], "'lms' is not one of: ddim, pndm"),
+    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),
     (["--mixed_precision", "fp16"], "use --mixed_precision bf16"),
     (["--mixed_precision", "fp8"], "'fp8' is not one of: no, bf16"),
     (["--lr_scheduler", "cosine_warm"], "'cosine_warm' is not one of: constant"),
@@ -109,3 +111,51 @@ def test_push_to_hub_uploads_the_pipeline_and_keeps_the_token_quiet(tmp_path, mo
                                               "tokenizer/*", "scheduler/*"}
     assert not any(p.startswith(("logs", "metrics", "training_args")) for p in upload["allow_patterns"])
     assert "hf_token_value" not in capsys.readouterr().out
+
+
+def _truncated_unet_pipeline(pipeline_dir, folder):
+    import shutil
+
+    shutil.copytree(pipeline_dir, folder)
+    path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return folder
+
+
+# (case name, extra flags or a function of (pipeline_dir, dataset_dir, tmp_path) -> flags, message)
+BAD_INPUTS = [
+    ("unknown flag", ["--learning-rate", "1e-4"], "unrecognized arguments: --learning-rate"),
+    ("fsdp does not divide devices", ["--fsdp", "3"], "--fsdp 3 must divide the device count 8"),
+    ("output dir is a file", lambda p, d, t: ["--output_dir", str(t / "file.txt")], "is a file, not a folder"),
+    ("dataset smaller than a global batch", ["--train_batch_size", "4"],
+     "16 usable images, fewer than one global batch (32)"),
+    ("wrong image column", ["--image_column", "img"], "--image_column 'img' is not a column of the dataset"),
+    ("not a pipeline folder", lambda p, d, t: ["--pretrained_model_name_or_path", d],
+     "has no scheduler/scheduler_config.json"),
+    ("variant that is not there", ["--variant", "fp16"], "for --variant fp16"),
+    ("dataset that cannot be loaded", lambda p, d, t: ["--dataset_name", str(t / "no-such-dataset")],
+     "could not load the dataset"),
+    ("truncated weights", lambda p, d, t: ["--pretrained_model_name_or_path",
+                                           _truncated_unet_pipeline(p, str(t / "cut"))], "is truncated"),
+]
+
+
+@pytest.mark.parametrize("name,extra,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_inputs_through_main_are_one_line_exit_2_nothing_written(pipeline_dir, dataset_dir, tmp_path, capsys,
+                                                                     name, extra, message):
+    (tmp_path / "file.txt").write_text("not a folder")
+    output_dir = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", dataset_dir, "--output_dir",
+            str(output_dir), "--resolution", "32", "--train_batch_size", "1", "--report_to", "none"]
+    argv += extra(pipeline_dir, dataset_dir, tmp_path) if callable(extra) else extra
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own exit for an unknown flag
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]  # after any progress bars of the dataset loader
+    assert last.startswith("error: ") and message in last and err.count("error: ") == 1, err
+    assert "Traceback" not in err
+    assert not output_dir.exists() and (tmp_path / "file.txt").read_text() == "not a folder"

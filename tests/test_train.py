@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import optax
 import pytest
 from safetensors.numpy import load_file
 
@@ -79,10 +78,128 @@ def test_command_line_run_exports_a_pipeline_diffusers_runs(pipeline_dir, datase
     assert images.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
 
 
+# ---- the paths the README tells users to take, in two shared runs ------------------------------------
+
+P0_LR = 1e-4  # x global batch 8 (--scale_lr)
+
+
+def paths_argv(model_dir, dataset_dir, output_dir, *extra):
+    """8 of the 16 images, 2 epochs of 1 step at a global batch of 8 (no --max_train_steps), the first
+    update at lr 0 (warmup 1), an fp16-variant-only model folder, v-prediction with a noise offset."""
+    return ["--pretrained_model_name_or_path", model_dir, "--variant", "fp16", "--train_data_dir", dataset_dir,
+            "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", "1",
+            "--max_train_samples", "8", "--num_train_epochs", "2", "--scale_lr", "--learning_rate", str(P0_LR),
+            "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "1", "--prediction_type", "v_prediction",
+            "--noise_offset", "0.05", "--center_crop", "--random_flip", "--seed", "3", "--log_every", "1",
+            "--report_to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def readme_paths(fp16_variant_pipeline_dir, dataset_dir, tmp_path_factory):
+    """The TPU advice (--fsdp 8, EMA, 2 worker processes) and the same run data parallel, in this process,
+    without EMA and workers; stdout of each."""
+    import contextlib
+    import io
+
+    runs = {}
+    for name, extra in (("fsdp8_ema_workers", ["--fsdp", "8", "--use_ema", "--dataloader_num_workers", "2"]),
+                        ("data_parallel", [])):
+        output_dir = str(tmp_path_factory.mktemp(name))
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = cli.main(paths_argv(fp16_variant_pipeline_dir, dataset_dir, output_dir, *extra))
+        assert code == 0, stdout.getvalue()[-2000:]
+        runs[name] = (output_dir, stdout.getvalue())
+    return runs
+
+
+def metrics_of(output_dir):
+    return [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
+
+
+def test_epochs_samples_scale_lr_and_v_prediction_as_told(readme_paths):
+    for output_dir, stdout in readme_paths.values():
+        assert "data: 8 examples, global batch 8, 1 steps/epoch, 2 epochs, 2 steps" in stdout
+        logged = metrics_of(output_dir)
+        assert [entry["step"] for entry in logged] == [1, 2]
+        np.testing.assert_allclose([entry["learning_rate"] for entry in logged], [0.0, 8 * P0_LR], rtol=1e-6)
+        with open(os.path.join(output_dir, "scheduler", "scheduler_config.json")) as handle:
+            assert json.load(handle)["prediction_type"] == "v_prediction"
+        saved = json.load(open(os.path.join(output_dir, "training_args.json")))
+        assert saved["data"]["max_train_samples"] == 8 and saved["model"]["variant"] == "fp16"
+
+
+def test_fsdp8_with_workers_trains_like_data_parallel(readme_paths):
+    """Same global batch, same data (workers change nothing): the same losses. The first update has lr 0,
+    so both runs take their second step from the same weights."""
+    sharded, replicated = (metrics_of(readme_paths[name][0]) for name in ("fsdp8_ema_workers", "data_parallel"))
+    np.testing.assert_allclose([e["loss"] for e in sharded], [e["loss"] for e in replicated], rtol=2e-5)
+    np.testing.assert_allclose([e["grad_norm"] for e in sharded], [e["grad_norm"] for e in replicated], rtol=2e-5)
+
+
+def test_export_is_the_gathered_ema_and_the_variant_weights(readme_paths, fp16_variant_pipeline_dir):
+    """--variant fp16: the frozen VAE and text encoder are exported as the fp16 files, in float32. The
+    FSDP-sharded EMA is gathered whole. EMA (diffusers' warmup): update 1 copies the weights (decay 0),
+    update 2 has decay 2/11; the first update is at lr 0, so the raw weights after step 1 equal the
+    start p0, and after step 2 EMA = p0 + 9/11 (p2 - p0), where p2 is the data-parallel run's (no EMA)
+    export. Exporting the raw weights instead would break this relation by 2/11 of every change."""
+    base = {}
+    for component in ("unet", "vae", "text_encoder"):
+        path = glob.glob(os.path.join(fp16_variant_pipeline_dir, component, "*.fp16.safetensors"))
+        base.update({f"{component}/{k}": v.astype(np.float32) for k, v in load_file(path[0]).items()})
+    # transformers 5 saves CLIP without the `text_model.` prefix that we write (both load)
+    ema, raw = ({k.replace("text_encoder/text_model.", "text_encoder/"): v for k, v in safetensors_of(
+        readme_paths[name][0]).items()} for name in ("fsdp8_ema_workers", "data_parallel"))
+    assert sorted(ema) == sorted(raw) == sorted(base)
+    for name, tensor in base.items():
+        assert ema[name].dtype == np.float32
+        if not name.startswith("unet/"):
+            assert ema[name].tobytes() == tensor.tobytes(), name
+    changes = [np.abs(raw[n] - base[n]).max() for n in base if n.startswith("unet/")]
+    assert max(changes) > 1e-4  # the second step trained
+    worst = 0.0
+    for name in (n for n in base if n.startswith("unet/")):
+        expected = base[name] + 9.0 / 11.0 * (raw[name] - base[name])
+        worst = max(worst, float(np.abs(ema[name] - expected).max()))
+    # The two layouts differ by the float order of the gradient reductions, which Adam can amplify where
+    # |g| is near its eps on a first update (see test_same_global_batch_same_result_on_any_layout); this is
+    # Adam's second update (the first had lr 0 but set its moments): measured 2.8e-7.
+    assert worst <= 1.5e-6, worst
+
+
+def test_non_finite_loss_stops_the_run_with_its_step(pipeline_dir, dataset_dir, tmp_path, capsys):
+    """lr 1e30: the first update sends the weights to ~1e30, the second step's loss is not finite. The run
+    stops with one line naming step 2, exit code 1 (the input was valid), and exports nothing."""
+    output_dir = tmp_path / "out"
+    argv = train_argv(pipeline_dir, dataset_dir, str(output_dir), "--learning_rate", "1e30", "--max_train_steps",
+                      "4", "--report_to", "none")
+    assert cli.main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()  # the progress bar, then one error line
+    assert lines[-1].startswith("error: loss became ") and " at step 2: " in lines[-1], lines
+    assert not any(line.startswith(("Traceback", "error")) for line in lines[:-1]), lines
+    assert not (output_dir / "model_index.json").exists() and not (output_dir / "unet").exists()
+
+
+def test_a_bug_is_not_dressed_up_as_a_user_error(monkeypatch, pipeline_dir, dataset_dir, tmp_path):
+    """Only UserError becomes 'error: ...' with exit code 2; a ValueError or OSError from our own code
+    propagates with its traceback (exit code 1 from Python)."""
+    from t2i_flax import train
+
+    for bug in (ValueError("a bug in t2i_flax"), OSError("another one")):
+        def broken_run(config, bug=bug):
+            raise bug
+        monkeypatch.setattr(train, "run", broken_run)
+        with pytest.raises(type(bug), match=str(bug)):
+            cli.main(train_argv(pipeline_dir, dataset_dir, str(tmp_path / "out")))
+
+
 # ---- the step itself, on fixed batches ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def components(pipeline_dir, dataset_dir):
+def components(torch_pipeline_dir, dataset_dir):
+    """The models of the PyTorch-made tiny pipeline (several channels per GroupNorm group, so biases have
+    real gradients) and two fixed batches of 8."""
+    pipeline_dir = torch_pipeline_dir
     unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     vae, vae_params = FlaxAutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
     text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
@@ -120,33 +237,58 @@ def test_loss_falls_when_overfitting_one_batch(components):
     assert last < 0.5 * first, (first, last)
 
 
+LAYOUT_LR = 1e-3
+
+
 @pytest.fixture(scope="module")
 def data_parallel_8(components):
-    """Reference: all 8 devices on the data axis, parameters replicated.
-
-    SGD, not Adam: Adam divides by sqrt(v), so parameters whose gradient is exactly 0 in real arithmetic
-    (a conv bias right before a one-channel-per-group GroupNorm) take +-lr steps from float noise, which
-    differs with the reduction order of each layout. SGD keeps the comparison linear in the gradients."""
-    return run_steps(components, sharding.make_mesh(1), components["batches"], optimizer=optax.sgd(0.5))
+    """Reference: all 8 devices on the data axis, parameters replicated; the real optimizer (clip + AdamW)
+    and EMA. Also the first step's gradients, to find the entries where Adam is ill-conditioned."""
+    mesh = sharding.make_mesh(1)
+    lr = optim.learning_rate_schedule("constant", LAYOUT_LR, 0, 100)
+    config = step.StepConfig(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+                             noise_schedule=components["schedule"], optimizer=optim.make_optimizer(lr),
+                             learning_rate=lr)
+    frozen = jax.device_put(components["frozen"], sharding.tree_shardings(mesh, components["frozen"]))
+    state, _ = step.create_state(config, mesh, components["unet_params"], seed=0)
+    _, grads = jax.jit(lambda s, f, b: step.loss_and_grads(config, s.params, f, b, step.step_key(s)))(
+        state, frozen, sharding.global_batch(mesh, components["batches"][0]))
+    return run_steps(components, mesh, components["batches"], learning_rate=LAYOUT_LR) + (jax.device_get(grads),)
 
 
 @pytest.mark.parametrize("layout", ["one_device", "fsdp8", "data2_fsdp4"])
 def test_same_global_batch_same_result_on_any_layout(components, data_parallel_8, layout):
+    """The layout changes only the order of float reductions (the batch mean of the loss, the gradient
+    all-reduce). Losses agree to rtol 2e-5 (measured <= 1.2e-7) and the parameters and EMA after two AdamW
+    steps to 1e-5 (measured <= 3.6e-6; at most 1 entry in 10,000 beyond) except where Adam is ill-conditioned:
+    its first update is lr x g / (|g| + eps), and where |g| < 100 eps (0.7% of the entries here) a relative
+    change of g from the reduction order becomes any fraction of lr. Those entries are bounded by what Adam
+    can move them, 2 x lr x steps (measured max difference there: 8.6e-5 = 0.09 lr)."""
     batches = components["batches"]
-    reference_losses, reference_state = data_parallel_8
+    reference_losses, reference_state, first_grads = data_parallel_8
     if layout == "one_device":
         mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     else:
         mesh = sharding.make_mesh({"fsdp8": 8, "data2_fsdp4": 4}[layout])
-    losses, state = run_steps(components, mesh, batches, optimizer=optax.sgd(0.5))
-    moved = max(np.abs(np.asarray(v) - weights.flatten(components["unet_params"])[p]).max()
-                for p, v in weights.flatten(reference_state.params).items())
+    losses, state = run_steps(components, mesh, batches, learning_rate=LAYOUT_LR)
+    start = weights.flatten(components["unet_params"])
+    moved = max(np.abs(np.asarray(v) - start[p]).max() for p, v in weights.flatten(reference_state.params).items())
     assert moved > 1e-3  # the steps really changed the parameters
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
+    ill = {path: np.abs(np.asarray(g)) < 100 * 1e-8 for path, g in weights.flatten(first_grads).items()}
+    assert sum(m.sum() for m in ill.values()) < 1e-2 * sum(m.size for m in ill.values())
+    adam_bound = 2 * LAYOUT_LR * len(batches)
     for tree in ("params", "ema_params"):
         flat = weights.flatten(getattr(state, tree))
+        beyond, well_conditioned = 0, 0
         for path, value in weights.flatten(getattr(reference_state, tree)).items():
-            np.testing.assert_allclose(flat[path], value, rtol=1e-4, atol=1e-6, err_msg=f"{tree}: {'/'.join(path)}")
+            error = np.abs(np.asarray(flat[path]) - np.asarray(value))
+            assert (error <= adam_bound).all(), (tree, "/".join(path), error.max())
+            beyond += int((error[~ill[path]] > 1e-5).sum())
+            well_conditioned += int((~ill[path]).sum())
+        # The second step's Adam ratio m / sqrt(v) can be ill-conditioned too where g2 nearly cancels g1 in m:
+        # allow a few such entries in 10,000 (measured: none on these three layouts).
+        assert beyond <= 1e-4 * well_conditioned, (tree, beyond, well_conditioned)
 
 
 def test_fsdp_really_shards_params_optimizer_and_ema(components):
@@ -164,11 +306,11 @@ def test_fsdp_really_shards_params_optimizer_and_ema(components):
     assert state.params["conv_in"]["bias"].sharding.spec == jax.sharding.PartitionSpec()  # small: replicated
 
 
-def test_bf16_v_prediction_noise_offset_step_tracks_float32(components, pipeline_dir):
+def test_bf16_v_prediction_noise_offset_step_tracks_float32(components, torch_pipeline_dir):
     """The TPU default (bf16 compute) on an SD2-style target: the first loss agrees with float32 compute."""
     import jax.numpy as jnp
 
-    schedule = load_noise_schedule(pipeline_dir, prediction_type="v_prediction")
+    schedule = load_noise_schedule(torch_pipeline_dir, prediction_type="v_prediction")
     lr = optim.learning_rate_schedule("constant", 1e-3, 0, 10)
     losses = {}
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -187,14 +329,3 @@ def test_bf16_v_prediction_noise_offset_step_tracks_float32(components, pipeline
         losses[jnp.dtype(dtype).name] = float(metrics["loss"])
     assert np.isfinite(losses["bfloat16"])
     assert abs(losses["bfloat16"] - losses["float32"]) <= 5e-2 * losses["float32"], losses
-
-
-def test_nan_loss_stops_with_the_step_number(tmp_path):
-    from t2i_flax.metrics import MetricsWriter
-
-    writer = MetricsWriter(str(tmp_path), "logs", "none", total_steps=5, enabled=True)
-    writer.add(1, {"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-4})
-    with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
-        writer.add(2, {"loss": float("nan"), "grad_norm": 1.0, "learning_rate": 1e-4})
-    assert writer.flush(1)["loss"] == 0.5
-    writer.close()
