@@ -183,3 +183,20 @@ def test_bad_flags_are_one_line_with_exit_2(pipeline_dir, flags, message):
     assert done.returncode == 2
     assert done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message), done.stderr
+
+
+def test_without_libtpu_the_error_says_what_to_install(monkeypatch, capsys):
+    """What jax raises when libtpu is not installed becomes the one line with the pip command (exit 2)."""
+    from jax.experimental import topologies
+
+    from t2i_flax import aot, errors
+
+    def no_libtpu(**kwargs):
+        raise RuntimeError("Unable to initialize backend 'tpu': TPU support not installed")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    with pytest.raises(aot.NeedsLibtpu) as raised:
+        aot.topology_devices(aot.resolve_topology("v3-8"))
+    assert str(raised.value) == "t2i_flax.aot needs libtpu, the TPU compiler (no TPU): pip install libtpu==0.0.42.1"
+    assert errors.report(raised.value) == 2
+    assert capsys.readouterr().err == f"error: {raised.value}\n"
