@@ -28,11 +28,9 @@ from etils import epath
 
 from t2i_flax.errors import CheckpointError, TrainingFailed
 
-logger = logging.getLogger(__name__)
-
 ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER, ITEM_DATA, ITEM_RUN = "params", "ema_params", "optimizer", "data", "run"
 ARRAY_ITEMS = (ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER)
-_STEP_NAME = re.compile(r"^(?:checkpoint-)?(\d+)$")
+
 # What Orbax/tensorstore raise for a step folder whose files are damaged (truncated, missing, garbage):
 # tensorstore's ValueError ("OUT_OF_RANGE: Error reading ...") reaches us wrapped in a plain Exception
 # ("Encountered error while reading array index"), so the restore calls (and only they) catch Exception.
@@ -186,70 +184,6 @@ def _first_line(error: BaseException) -> str:
     if os_error:
         return f"{os_error.group(1).strip()} (errno {os_error.group(2)})"
     return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-def parse_resume(value: str, checkpoints_dir: str) -> tuple[str, int | None]:
-    """--resume_from_checkpoint -> (checkpoint directory, step or None for "latest").
-
-    latest | <step> | checkpoint-<step> (the PyTorch script's folder name) look in `checkpoints_dir`; any
-    other value is the path of one step folder (e.g. <output_dir>/checkpoints/500)."""
-    if value == "latest":
-        return checkpoints_dir, None
-    named = _STEP_NAME.match(value)
-    if named and not os.path.sep in value:
-        return checkpoints_dir, int(named.group(1))
-    path = value.rstrip("/")
-    step = _STEP_NAME.match(os.path.basename(path))
-    if not step:
-        raise CheckpointError(f"--resume_from_checkpoint {value}: not 'latest', a step number, checkpoint-<step>, "
-                              f"or the path of a step folder (<checkpoints_dir>/<step>)")
-    return os.path.dirname(path) or ".", int(step.group(1))
-
-
-def resume(checkpoints: Checkpoints, step: int | None, value: str, check_record, abstract_state):
-    """Restores the checkpoint to resume from: `step`, or for "latest" the newest one that reads; a
-    damaged newer one is skipped with a warning (never silently a new run). Returns (step, state,
-    data_state, record, damaged steps skipped).
-
-    check_record(record) raises a CheckpointError when the checkpoint is of another run's settings: that
-    is never a reason to fall back to an older one."""
-    steps = checkpoints.steps()
-    if step is not None and step not in steps:
-        shown = ", ".join(map(str, steps[-5:])) or "none"
-        raise CheckpointError(f"--resume_from_checkpoint {value}: there is no checkpoint of step {step} in "
-                              f"{checkpoints.directory} (steps there: {shown})")
-    candidates = [step] if step is not None else list(reversed(steps))
-    damaged = []
-    for candidate in candidates:
-        try:
-            record = checkpoints.read_run_record(candidate)
-            check_record(record["run"])
-            state = checkpoints.restore_state(candidate, abstract_state)
-        except DamagedCheckpoint as damage:
-            if step is not None:
-                raise
-            logger.warning("%s; falling back to an older checkpoint", damage)
-            damaged.append(candidate)
-            continue
-        return candidate, state, record["data"], record["run"], damaged
-    raise CheckpointError(f"no checkpoint in {checkpoints.directory} can be restored (steps {steps})")
-
-
-def set_aside(directory: str, steps: list[int]) -> list[str]:
-    """Renames damaged step folders to <step>.damaged, so that the run can write those steps again and a
-    later "latest" does not trip over them; their files stay for inspection. Process 0 only. In a bucket (gs://)
-    gcsfs moves each object (or copies and deletes it), which is not atomic: a move cut short leaves the step
-    either without its commit file (no step) or still damaged (set aside again by the next resume)."""
-    moved = []
-    if jax.process_index() == 0:
-        for step in steps:
-            path = epath.Path(directory) / str(step)
-            target = epath.Path(directory) / f"{step}.damaged"
-            if target.exists():
-                target.rmtree()
-            path.rename(target)
-            moved.append(str(target))
-    return moved
 
 
 def state_items(state) -> dict:

@@ -114,13 +114,13 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
     import jax
     from jax.sharding import SingleDeviceSharding
 
-    from t2i_flax import checkpoint, hub
+    from t2i_flax import checkpoint, hub, resume
     from t2i_flax.config import RunConfig
     from t2i_flax.models import FlaxUNet2DConditionModel
     from t2i_flax.noise import read_scheduler_config, schedule_from_config
 
     if checkpoint.is_remote(checkpoint_path) or os.path.isdir(checkpoint_path):
-        directory, step = checkpoint.parse_resume(os.path.abspath(checkpoint_path)
+        directory, step = resume.parse_resume(os.path.abspath(checkpoint_path)
                                                   if not checkpoint.is_remote(checkpoint_path) else checkpoint_path, "")
     else:
         raise CheckpointError(f"--checkpoint {checkpoint_path}: not a folder; give the path of a step folder "

@@ -17,10 +17,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from t2i_flax import data, export, hub, lora, optim, sharding, step, tokenizer
-from t2i_flax.checkpoint import Checkpoints, parse_resume, resume, set_aside
-from t2i_flax.config import RunConfig, may_change_on_resume
-from t2i_flax.errors import CheckpointError, DataError, FlagError, OutputError, Stopped, TrainingFailed
+from t2i_flax import data, export, hub, lora, optim, resume, sharding, step, tokenizer
+from t2i_flax.checkpoint import Checkpoints
+from t2i_flax.config import RunConfig
+from t2i_flax.errors import DataError, FlagError, OutputError, Stopped, TrainingFailed
 from t2i_flax.interrupt import StopRequest
 from t2i_flax.metrics import MetricsWriter
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
@@ -28,7 +28,6 @@ from t2i_flax.noise import read_scheduler_config, schedule_from_config
 from t2i_flax.validation import Validation
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}
-RECORD_VERSION = 1
 LORA_INIT_STREAM = 0x4C6F5241  # "LoRA": the adapters' init key, apart from the step's streams
 _HUB_SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
 
@@ -114,26 +113,6 @@ def init_lora(config: RunConfig, unet):
     return jax.jit(lambda: lora.init_lora_params(key, unet.abstract_params(), config.lora.lora_rank, targets))
 
 
-class ResumeCheck:
-    """Whether a checkpoint's record fits this run: same computation settings, same global batch."""
-
-    def __init__(self, config: RunConfig, source: str):
-        self.config, self.source = config, source
-
-    def __call__(self, record: dict) -> None:
-        if record.get("version") != RECORD_VERSION:
-            raise CheckpointError(f"{self.source} was written by another t2i_flax checkpoint format "
-                                  f"(version {record.get('version')}, this one reads {RECORD_VERSION})")
-        differences = self.config.resume_differences(record["config"])
-        global_batch = self.config.train.train_batch_size * jax.device_count()
-        if record["resolved"]["global_batch_size"] != global_batch:
-            differences.append(f"global batch (--train_batch_size x devices): {record['resolved']['global_batch_size']} "
-                               f"in the checkpoint, {global_batch} now")
-        if differences:
-            raise CheckpointError(f"cannot resume from {self.source}: {'; '.join(differences)} (these may change "
-                                  f"on resume: {', '.join(may_change_on_resume())})")
-
-
 def run(config: RunConfig) -> None:
     model_config, data_config, train_config = config.model, config.data, config.train
     output_config, checkpoint_config = config.output, config.checkpoint
@@ -146,8 +125,8 @@ def run(config: RunConfig) -> None:
 
     # ---- the checkpoint this run continues (its settings are checked before anything is loaded) ----
     checkpoints_dir = checkpoint_config.directory(output_config.output_dir)
-    source, check_record, resume_step = open_resume_source(config, checkpoints_dir)
-    saved_record = peek_resume(source, resume_step, check_record) if source is not None else None
+    source, check_record, resume_step = resume.open_source(config, checkpoints_dir)
+    saved_record = resume.peek_record(source, resume_step, check_record) if source is not None else None
 
     # ---- model ------------------------------------------------------------------------------
     if model_config.from_pt:
@@ -204,11 +183,11 @@ def run(config: RunConfig) -> None:
     if source is not None:
         placed = jax.tree_util.tree_map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
                                         abstract_state, state_sharding)
-        resume_step, state, data_state, _, damaged = resume(source, resume_step,
+        resume_step, state, data_state, _, damaged = resume.restore(source, resume_step,
                                                             config.checkpoint.resume_from_checkpoint, check_record,
                                                             placed)
         source.close()
-        for moved in set_aside(source.directory, damaged):
+        for moved in resume.set_aside(source.directory, damaged):
             log(f"moved the damaged checkpoint aside: {moved}")
         batches = loader.restore(data_state)
         log(f"resumed from {source.step_path(resume_step)} (step {resume_step} of {plan.max_train_steps})")
@@ -242,7 +221,7 @@ def run(config: RunConfig) -> None:
     del vae_params, text_params
 
     # ---- output and checkpoints -----------------------------------------------------------------
-    run_record = {"version": RECORD_VERSION, "config": config.to_dict(),
+    run_record = {"version": resume.RECORD_VERSION, "config": config.to_dict(),
                   "resolved": {"global_batch_size": plan.global_batch_size, "learning_rate": plan.learning_rate,
                                "num_examples": plan.num_examples, "max_train_steps": plan.max_train_steps,
                                "model_dir": os.path.abspath(model_dir), "model_commit": model_commit(model_dir)}}
@@ -353,60 +332,6 @@ def card_settings(config: RunConfig, plan: Plan) -> dict:
                            f"{'random' if config.data.random_flip else 'none'}",
             **({"LoRA": f"rank {config.lora.lora_rank}, alpha {config.lora.lora_alpha or config.lora.lora_rank}, "
                         f"targets {config.lora.lora_target_modules}"} if config.lora.enabled else {})}
-
-
-def open_resume_source(config: RunConfig, checkpoints_dir: str):
-    """(checkpoints to resume from or None, the record check, the step or None for the newest).
-
-    Without --resume_from_checkpoint, a checkpoint folder that already holds steps is refused: it is an
-    earlier run's, and this run would mix its checkpoints in or delete them."""
-    value = config.checkpoint.resume_from_checkpoint
-    if value is None:
-        if _has_steps(checkpoints_dir):
-            raise CheckpointError(f"{checkpoints_dir} already holds checkpoints of an earlier run: continue it with "
-                                  f"--resume_from_checkpoint latest, or choose another --output_dir "
-                                  f"(or --checkpoints_dir)")
-        return None, None, None
-    source_dir, step_number = parse_resume(value, checkpoints_dir)
-    if not _has_steps(source_dir):
-        if step_number is None:
-            log(f"--resume_from_checkpoint latest: no checkpoint in {source_dir} yet, starting a new run")
-            return None, None, None
-        raise CheckpointError(f"--resume_from_checkpoint {value}: {source_dir} holds no checkpoints")
-    source = Checkpoints(source_dir, read_only=True)
-    return source, ResumeCheck(config, source.directory), step_number
-
-
-def _has_steps(directory: str) -> bool:
-    """Whether `directory` holds step folders. In a bucket (gs://) Orbax writes a step folder in place and marks
-    it complete with a commit file, so there a folder without one (a save cut short) is not a step: it is removed
-    when the run opens the directory, as the temporary folder of an unfinished local save is."""
-    from etils import epath
-    import orbax.checkpoint as ocp
-
-    path = epath.Path(directory)
-    if not path.exists():
-        return False
-    steps = (child for child in path.iterdir() if child.name.isdigit())
-    if directory.startswith("gs://"):  # Orbax's test for a bucket path (its commit-file layout)
-        steps = (child for child in steps if ocp.path.step.is_path_finalized(child))
-    return any(steps)
-
-
-def peek_resume(source: Checkpoints, step_number: int | None, check_record) -> dict | None:
-    """The record of the step to resume from (the newest readable one for "latest"), checked before the
-    data and models are loaded. None when there is none to read: `checkpoint.resume` then says why."""
-    steps = source.steps()
-    for candidate in ([step_number] if step_number is not None else reversed(steps)):
-        if candidate not in steps:
-            return None
-        try:
-            record = source.read_run_record(candidate)["run"]
-        except CheckpointError:
-            continue
-        check_record(record)
-        return record
-    return None
 
 
 def write_json(path: str, content: dict) -> None:

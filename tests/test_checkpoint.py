@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from t2i_flax import checkpoint, cli, export, optim, sharding, step, weights
+from t2i_flax import checkpoint, cli, export, optim, resume, sharding, step, weights
 from t2i_flax.errors import CheckpointError
 from t2i_flax.models import FlaxUNet2DConditionModel
 
@@ -365,9 +365,9 @@ def test_the_keep_limit_deletes_an_old_step_only_after_a_newer_one_is_complete(t
     ("/runs/a/checkpoints/500", ("/runs/a/checkpoints", 500)), ("/runs/a/checkpoints/checkpoint-7/", ("/runs/a/checkpoints", 7)),
 ])
 def test_resume_values(value, expected):
-    assert checkpoint.parse_resume(value, "/c") == expected
+    assert resume.parse_resume(value, "/c") == expected
 
 
 def test_a_resume_value_that_names_no_step():
     with pytest.raises(CheckpointError, match="not 'latest', a step number"):
-        checkpoint.parse_resume("/runs/a/checkpoints", "/c")
+        resume.parse_resume("/runs/a/checkpoints", "/c")

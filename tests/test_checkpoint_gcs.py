@@ -38,7 +38,7 @@ from gcp_storage_emulator.storage import Storage
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from t2i_flax import checkpoint, optim, step, train
+from t2i_flax import checkpoint, optim, resume, step
 
 from test_checkpoint import ROOT, UNET_FILE, environment, logged_steps, run_argv
 
@@ -257,7 +257,7 @@ def test_checkpoints_in_a_bucket_round_trip_list_and_keep_the_newest(gcs):
         for item in ("params", "ema_params", "optimizer", "data", "run"):
             assert f"{number}/{item}/commit_success.txt" in names
     assert json.loads(names["6/data/metadata"]) == {"next_batch": 6, "epoch": 3}
-    assert train._has_steps(directory)
+    assert resume._has_steps(directory)
 
     reader = checkpoint.Checkpoints(directory, read_only=True)
     assert reader.steps() == [4, 6]
@@ -281,9 +281,9 @@ def test_a_save_cut_short_in_a_bucket_is_no_step_and_is_removed(gcs):
         if not name.endswith("commit_success.txt"):  # the same files, as a save that never got to commit
             (epath.Path(directory) / "3" / name).write_bytes(content)
     assert checkpoint.Checkpoints(directory, read_only=True).steps() == [2]
-    assert train._has_steps(directory)
+    assert resume._has_steps(directory)
     (epath.Path(directory) / "2" / "commit_success.txt").unlink()
-    assert not train._has_steps(directory)  # only unfinished step folders: no checkpoint
+    assert not resume._has_steps(directory)  # only unfinished step folders: no checkpoint
     assert sorted({name.split("/")[0] for name in gcs.objects("cut/checkpoints/")}) == ["2", "3"]
     # A writing run opens the directory (Orbax starts removing both in the background; the first save waits for
     # that) and writes step 2 again.
@@ -318,13 +318,13 @@ def test_a_damaged_step_in_a_bucket_is_skipped_and_set_aside(gcs):
     assert gcs.objects("damaged/checkpoints/6/") == damaged_objects
 
     reader = checkpoint.Checkpoints(directory, read_only=True)
-    resumed, state, data_state, record, damaged = checkpoint.resume(reader, None, "latest", lambda record: None,
+    resumed, state, data_state, record, damaged = resume.restore(reader, None, "latest", lambda record: None,
                                                                     on_one_device(saved[4]))
     reader.close()
     assert (resumed, damaged, data_state, record) == (4, [6], {"next_batch": 4}, {"version": 1})
     assert_same_arrays(state, saved[4])
 
-    assert checkpoint.set_aside(directory, damaged) == [f"{directory}/6.damaged"]
+    assert resume.set_aside(directory, damaged) == [f"{directory}/6.damaged"]
     assert gcs.objects("damaged/checkpoints/6.damaged/") == damaged_objects
     assert gcs.objects("damaged/checkpoints/6/") == {}
     again = checkpoint.Checkpoints(directory)
