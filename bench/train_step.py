@@ -18,6 +18,8 @@ CPU). mfu_anchor always uses the anchors.md count, so it compares directly with 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -46,7 +48,6 @@ PEAK_FLOPS = (
     ("TPU v5", 459e12, "TPU v5p: 459 TFLOP/s bf16 per chip"),
     ("TPU v6", 918e12, "TPU v6e: 918 TFLOP/s bf16 per chip"),
 )
-MAX_TEXT_LENGTH = 77
 
 
 def parse_args(argv=None):
@@ -73,56 +74,30 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_models(config_name: str, dtype, attention):
-    """(unet, vae, text_encoder) modules of the named config, as train.load_models builds them: the VAE
-    always uses XLA attention (its mid-block head_dim 512 is beyond cuDNN)."""
-    from configs import CONFIGS
+def build_setup(args, res: int, devices):
+    """The trainer's own setup (t2i_flax/setup.py, as train.run and aot build it) for a config-only model folder of
+    the named config (bench/aot_fit.py's), from the trainer's flags: the program timed is the trainer's."""
+    import tempfile
 
-    from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+    from aot_fit import write_models
 
-    unet_config, vae_config, clip_config = CONFIGS[config_name]
-    unet = FlaxUNet2DConditionModel.from_config(dict(unet_config), dtype=dtype, attention=attention)
-    vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=dtype)
-    text_encoder = FlaxCLIPTextModel.from_config(dict(clip_config), dtype=dtype, attention=attention)
-    return unet, vae, text_encoder
+    from t2i_flax import cli, setup, sharding
 
-
-def sd_noise_schedule():
-    from t2i_flax.noise import schedule_from_config
-
-    # SD 1.5's scheduler_config.json (PNDMScheduler): what the step reads of it.
-    return schedule_from_config({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon"})
-
-
-def build_step_config(unet, vae, text_encoder, use_ema: bool, total_steps: int = 1000):
-    from t2i_flax import optim, step
-
-    schedule = optim.learning_rate_schedule("constant", 1e-5, 0, total_steps)
-    optimizer = optim.make_optimizer(schedule)
-    return step.StepConfig(unet=unet, vae=vae, text_encoder=text_encoder, noise_schedule=sd_noise_schedule(),
-                           optimizer=optimizer, learning_rate=schedule, use_ema=use_ema)
-
-
-def abstract_frozen(vae, text_encoder, dtype, cache_latents: bool = False):
-    """ShapeDtypeStructs of what the step reads of the frozen models, in the compute dtype (as train.py)."""
-    import jax
-
-    from t2i_flax import step
-
-    tree = step.frozen_params(None if cache_latents else vae.abstract_params(), text_encoder.abstract_params())
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
-
-
-def abstract_batch(mesh, global_size: int, res: int):
-    import jax
-    import jax.numpy as jnp
-
-    from t2i_flax import sharding
-
-    batch_sharding = sharding.batch_sharding(mesh)
-    return {"pixel_values": jax.ShapeDtypeStruct((global_size, 3, res, res), jnp.float32, sharding=batch_sharding),
-            "input_ids": jax.ShapeDtypeStruct((global_size, MAX_TEXT_LENGTH), jnp.int32, sharding=batch_sharding)}
+    folder = tempfile.mkdtemp(prefix="t2i_flax_bench_models_")
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_models(folder)
+    flags = ["--pretrained_model_name_or_path", os.path.join(folder, args.config), "--dataset_name", "<none>",
+             "--resolution", str(res), "--train_batch_size", str(args.batch), "--mixed_precision", args.dtype,
+             "--fsdp", str(args.fsdp), "--learning_rate", "1e-5", "--lr_warmup_steps", "0", "--max_train_steps",
+             "1000", "--seed", str(args.seed)]
+    flags += ["--attention", args.attention] if args.attention != "none" else []
+    flags += ["--use_ema"] if args.use_ema else []
+    flags += ["--cache_latents", "--center_crop"] if args.cache_latents else []
+    config = cli.parse_config(flags)
+    base = setup.read_base_model(os.path.join(folder, args.config))
+    mesh = sharding.make_mesh(args.fsdp, devices)
+    plan = setup.Plan.without_data(config, len(devices), len(devices))
+    return setup.build(config, base, mesh, plan)
 
 
 def random_like(abstract_tree, rng, scale=0.02):
@@ -175,36 +150,19 @@ def gib(value):
     return None if value is None else round(value / 2**30, 3)
 
 
-def compile_only(args, config, mesh, unet, vae, text_encoder, dtype, global_size: int, res: int) -> None:
+def compile_only(args, built, res: int) -> None:
     """The step lowered from sharded ShapeDtypeStructs and compiled: compile_s, FLOPs, compiled memory."""
     import jax
-    import jax.numpy as jnp
 
-    from t2i_flax import sharding, step
-
-    def placed(tree, shardings):
-        return jax.tree_util.tree_map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), tree,
-                                      shardings)
-
-    abstract_state, state_sharding = step.state_shardings(config, mesh, unet.abstract_params(), args.seed)
-    frozen = abstract_frozen(vae, text_encoder, dtype, args.cache_latents)
-    frozen_sharding = sharding.tree_shardings(mesh, frozen)
-    batch = abstract_batch(mesh, global_size, res)
-    if args.cache_latents:
-        where = sharding.batch_sharding(mesh)
-        latent = jax.ShapeDtypeStruct((global_size, vae.latent_channels, res // 8, res // 8), jnp.float32,
-                                      sharding=where)
-        batch = {"input_ids": batch["input_ids"], "latent_mean": latent, "latent_std": latent}
-    train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
     start = time.perf_counter()
-    lowered = train_step.lower(placed(abstract_state, state_sharding), placed(frozen, frozen_sharding), batch)
+    lowered = built.lower()
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     analysis = memory_analysis_dict(compiled)
     print(json.dumps({
         "bench": "t2i_flax_train_step_compile", "config": args.config, "res": res, "batch_per_device": args.batch,
-        "devices": len(mesh.devices.flat), "platform": jax.devices()[0].platform, "dtype": args.dtype,
+        "devices": built.mesh.size, "platform": jax.devices()[0].platform, "dtype": args.dtype,
         "attention": args.attention, "fsdp": args.fsdp, "use_ema": args.use_ema, "cache_latents": args.cache_latents,
         "compilation_cache_dir": args.compilation_cache_dir, "lower_s": round(lower_s, 3),
         "compile_s": round(compile_s, 3), "flops_per_step_per_device": cost_flops(compiled),
@@ -221,48 +179,41 @@ def main(argv=None) -> None:
     res = args.res or (512 if args.config == "sd15" else 32)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from t2i_flax import compile_cache, sharding, step
 
     compile_cache.enable(args.compilation_cache_dir)
-    dtype = {"bf16": jnp.bfloat16, "no": jnp.float32}[args.dtype]
-    attention = None if args.attention == "none" else args.attention
     devices = jax.devices()
-    mesh = sharding.make_mesh(args.fsdp, devices)
-    global_size = args.batch * len(devices)
-
-    unet, vae, text_encoder = build_models(args.config, dtype, attention)
-    config = build_step_config(unet, vae, text_encoder, args.use_ema)
+    built = build_setup(args, res, devices)
+    mesh = built.mesh
+    global_size = built.plan.global_batch_size
     rng = np.random.default_rng(args.seed)
 
     if args.compile_only:
-        return compile_only(args, config, mesh, unet, vae, text_encoder, dtype, global_size, res)
+        return compile_only(args, built, res)
 
     # ---- state, frozen models, batch on the devices (random weights of the real shapes) --------------
     start = time.perf_counter()
-    params = random_like(unet.abstract_params(), rng)
-    state, state_sharding = step.create_state(config, mesh, params, args.seed)
+    params = random_like(built.trained.abstract_params(built.unet), rng)
+    state, _ = step.create_state(built.step_config, mesh, params, args.seed)
     del params
-    frozen = random_like(abstract_frozen(vae, text_encoder, dtype, args.cache_latents), rng)
-    frozen_sharding = sharding.tree_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_sharding)
-    host_batch = {"input_ids": rng.integers(0, text_encoder.vocab_size, (global_size, MAX_TEXT_LENGTH), dtype=np.int32)}
+    frozen = jax.device_put(random_like(built.frozen, rng), built.frozen_sharding)
+    host_batch = {"input_ids": rng.integers(0, built.text_encoder.vocab_size, built.batch["input_ids"].shape,
+                                            dtype=np.int32)}
     if args.cache_latents:
-        latent = (global_size, vae.latent_channels, res // 8, res // 8)
+        latent = built.batch["latent_mean"].shape
         host_batch.update(latent_mean=rng.normal(size=latent).astype(np.float32),
                           latent_std=rng.uniform(0.01, 0.1, latent).astype(np.float32))
     else:
-        host_batch["pixel_values"] = rng.uniform(-1, 1, (global_size, 3, res, res)).astype(np.float32)
+        host_batch["pixel_values"] = rng.uniform(-1, 1, built.batch["pixel_values"].shape).astype(np.float32)
     batch = sharding.global_batch(mesh, host_batch)  # single process: the host batch is the global batch
     jax.block_until_ready((state, frozen, batch))
     setup_s = time.perf_counter() - start
 
     # ---- compile ahead (as train.compile_ahead), then run -------------------------------------------
-    train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
     start = time.perf_counter()
-    compiled = train_step.lower(state, frozen, batch).compile()
+    compiled = built.lower().compile()
     compile_s = time.perf_counter() - start
 
     for _ in range(args.warmup):

@@ -50,6 +50,17 @@ class Stopped(Exception):
     how to resume. Exit code EXIT_STOPPED."""
 
 
+def name_examples(names, limit: int = 3) -> str:
+    """The first `limit` names (sorted) and how many more, for a one-line message."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def count_of(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def one_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -43,7 +43,7 @@ class Pipeline:
     tokenizer: Any  # transformers.CLIPTokenizer
     scheduler_config: dict
     model_dir: str
-    lora: Any = None  # lora.LoraInfo of the applied LoRA file, if any
+    lora: Any = None  # lora_files.LoraInfo of the applied LoRA file, if any
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -62,7 +62,9 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
     import jax.numpy as jnp
 
     from t2i_flax import lora as lora_adapters
-    from t2i_flax import noise, sharding
+    from t2i_flax import lora_files
+    from t2i_flax import sharding
+    from t2i_flax.diffusion import noise
     from t2i_flax.diffusion import sample
     from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
 
@@ -77,7 +79,7 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
     unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **common)
     unet_fn, lora_info = None, None
     if lora is not None:  # the shapes of the loaded params are the abstract tree it is checked against
-        lora_params, lora_info = lora_adapters.load_lora_weights(lora, unet_params)
+        lora_params, lora_info = lora_files.load_lora_weights(lora, unet_params)
         unet_params = lora_adapters.sampler_unet_params(unet_params, lora_params, lora_info.scale * lora_scale)
         unet_fn = lora_adapters.sampler_unet_fn(unet)
     vae, vae_params = FlaxAutoencoderKL.from_pretrained(model_dir, subfolder="vae", **common)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from t2i_flax.errors import ModelError
+from t2i_flax.errors import ModelError, one_line
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 # What training needs of a pipeline repo (not safety_checker/, feature_extractor/, ...).
@@ -97,3 +97,22 @@ def _download(repo_id, subfolder, revision, variant, cache_dir, local_files_only
     if not os.path.isdir(folder):
         raise ModelNotFoundError(f"{where} has no '{subfolder}' folder")
     return folder
+
+
+def resolve_config_dir(model_config) -> str:
+    """The model folder, or for a Hub repo id a snapshot of its config and tokenizer files only (no weights): what
+    compiling without weights (t2i_flax.aot) reads."""
+    name = model_config.pretrained_model_name_or_path
+    if os.path.isdir(name):
+        return resolve_model_dir(name)
+    if name.startswith((".", "/", "~")) or not _REPO_ID.match(name) or name.count("/") > 1:
+        raise ModelNotFoundError(f"model folder {name} does not exist (and it is not a Hub repo id)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json"] + [f"{part}/{pattern}" for part in PIPELINE_COMPONENTS
+                                       for pattern in ("*.json", "*.txt")]
+    try:
+        return snapshot_download(name, revision=model_config.revision, cache_dir=model_config.cache_dir,
+                                 allow_patterns=patterns, local_files_only=_offline())
+    except Exception as error:  # noqa: BLE001  (huggingface_hub's errors: not found, offline, network)
+        raise ModelNotFoundError(f"could not get the configs of {name}: {one_line(error)[:200]}") from None

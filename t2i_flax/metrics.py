@@ -34,12 +34,15 @@ class MetricsWriter:
             import wandb  # the command line checked that it is installed
             self.wandb = wandb.init(project="t2i_flax", config=run_config or {})
 
+    def advance(self) -> None:
+        """One more step dispatched (the bar moves; its values come later, with `add`)."""
+        self.bar.update(1)
+
     def add(self, step: int, metrics: dict) -> None:
         """Values of one finished step (host floats)."""
         for name, value in metrics.items():
             self._window.setdefault(name, []).append(float(value))
         self._window_steps += 1
-        self.bar.update(1)
 
     def flush(self, step: int) -> dict | None:
         """Averages the window, writes it everywhere, returns it."""

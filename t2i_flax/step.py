@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t2i_flax import lora, sharding
-from t2i_flax.noise import NoiseSchedule
+from t2i_flax import sharding
+from t2i_flax.trainable import FULL_UNET
+from t2i_flax.diffusion.noise import NoiseSchedule
 
 # Independent random streams, each folded from (seed key, step): no key is used twice.
 STREAM_POSTERIOR, STREAM_NOISE, STREAM_TIMESTEPS, STREAM_DROPOUT, STREAM_NOISE_OFFSET = range(5)
@@ -45,9 +46,8 @@ class StepConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     noise_offset: float = 0.0
-    # LoRA: the trained params are the adapters (t2i_flax/lora.py), the UNet is frozen["unet"]; None: the
-    # params are the UNet's own.
-    lora_scale: float | None = None
+    # What the trained params are (t2i_flax/trainable.py): the UNet's own, or LoRA adapters on frozen["unet"].
+    trainable: Any = FULL_UNET
 
 
 def init_state(config: StepConfig, params, seed: int) -> TrainState:
@@ -62,6 +62,11 @@ def ema_decay_at(update_index, max_decay: float):
     parameters), then min((1 + n) / (10 + n), max_decay): 2/11, 3/12, ..."""
     n = jnp.asarray(update_index, jnp.float32)
     return jnp.where(n == 0, 0.0, jnp.minimum((1.0 + n) / (10.0 + n), max_decay))
+
+
+def exported_params(state: TrainState):
+    """What is exported and drawn from: the EMA with --use_ema (as the PyTorch script), else the weights."""
+    return state.params if state.ema_params is None else state.ema_params
 
 
 def step_key(state: TrainState) -> jax.Array:
@@ -120,12 +125,9 @@ def text_embeddings(config: StepConfig, frozen: dict, input_ids):
 
 
 def predict(config: StepConfig, params, frozen: dict, noisy_latents, timesteps, encoder_hidden_states, dropout_key):
-    """The UNet's output: of the trained UNet params, or of the frozen UNet with the trained LoRA adapters."""
-    kwargs = dict(train=True, rngs={"dropout": dropout_key})
-    if config.lora_scale is None:
-        return config.unet.apply({"params": params}, noisy_latents, timesteps, encoder_hidden_states, **kwargs).sample
-    return lora.apply_unet(config.unet, frozen["unet"], params, config.lora_scale, noisy_latents, timesteps,
-                           encoder_hidden_states, **kwargs).sample
+    """The UNet's output with the trained params: the UNet's own, or adapters on the frozen UNet."""
+    return config.trainable.apply_unet(config.unet, params, frozen, noisy_latents, timesteps, encoder_hidden_states,
+                                       train=True, rngs={"dropout": dropout_key}).sample
 
 
 def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hidden_states, randomness):

@@ -52,6 +52,9 @@ class Validation:
         self.text_params = text_params
         guidance = settings.validation_guidance_scale > 1.0
         abstract = sample.sampler_params(unet_params_abstract, _abstract(text_params), _abstract(self.vae_params))
+        # Where the program takes each parameter (a host scalar such as LoRA's scale is placed explicitly).
+        self.param_shardings = jax.tree_util.tree_map(lambda leaf, where: leaf.sharding or where, abstract,
+                                                      sharding.tree_shardings(mesh, abstract))
         try:
             self.program = self.sampler.compile(abstract, self.scheduler, batch, resolution, resolution, guidance,
                                                 max_length=prompt_ids.shape[1])
@@ -65,7 +68,9 @@ class Validation:
 
     def __call__(self, finished_steps: int, unet_params) -> tuple[str, np.ndarray]:
         """Draws the prompts with `unet_params`; writes the grid (process 0) and returns (path, grid)."""
-        images = self.program(sample.sampler_params(unet_params, self.text_params, self.vae_params), *self.inputs)
+        params = jax.device_put(sample.sampler_params(unet_params, self.text_params, self.vae_params),
+                                self.param_shardings)
+        images = self.program(params, *self.inputs)
         images = multihost_utils.process_allgather(images, tiled=True)[: self.count]
         grid = labelled_grid(sample.to_uint8(images), self.prompts, self.per_prompt)
         path = os.path.join(self.output_dir, "validation", f"step_{finished_steps}.png")

@@ -12,7 +12,7 @@ import pytest
 from t2i_flax import cli, data, optim, sharding, step, tokenizer
 from t2i_flax.data import latent_cache
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
-from t2i_flax.noise import load_noise_schedule
+from t2i_flax.diffusion.noise import load_noise_schedule
 
 from conftest import RESOLUTION
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import save_file
 
 from oracle import rel_err
-from t2i_flax import errors, lora, weights
+from t2i_flax import errors, lora, lora_files, weights
 from t2i_flax.models import FlaxUNet2DConditionModel
 
 RANK, ALPHA = 4, 8.0  # scale 2: diffusers must read the alpha from the file's metadata
@@ -76,20 +76,20 @@ def random_lora(model):
 @pytest.fixture(scope="module")
 def lora_dir(random_lora, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("lora"))
-    lora.save_lora_weights(folder, random_lora, RANK, ALPHA, TARGETS)
+    lora_files.save_lora_weights(folder, random_lora, RANK, ALPHA, TARGETS)
     return folder
 
 
 def diffusers_style_state_dict(lora_params) -> dict[str, np.ndarray]:
     """The older diffusers keys: unet.<module>.lora.down.weight / lora.up.weight."""
     return {key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): value
-            for key, value in lora.lora_state_dict(lora_params).items()}
+            for key, value in lora_files.lora_state_dict(lora_params).items()}
 
 
 @pytest.fixture(scope="module")
 def diffusers_style_dir(random_lora, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("diffusers-style"))
-    save_file(diffusers_style_state_dict(random_lora), os.path.join(folder, lora.LORA_WEIGHTS_NAME),
+    save_file(diffusers_style_state_dict(random_lora), os.path.join(folder, lora_files.LORA_WEIGHTS_NAME),
               metadata={"format": "pt"})
     return folder
 
@@ -196,7 +196,7 @@ def test_zero_B_leaves_the_output_bit_identical(model, forward, plain, random_lo
 
 def test_diffusers_loads_our_file_with_no_missing_or_unexpected_keys_and_our_scale(lora_dir, random_lora,
                                                                                     torch_outputs):
-    written = weights.read_safetensors(os.path.join(lora_dir, lora.LORA_WEIGHTS_NAME))
+    written = weights.read_safetensors(os.path.join(lora_dir, lora_files.LORA_WEIGHTS_NAME))
     assert sorted(torch_outputs["loaded"]) == sorted(key.removeprefix("unet.") for key in written)
     assert all(np.array_equal(torch_outputs["loaded"][key.removeprefix("unet.")], value)
                for key, value in written.items())
@@ -219,7 +219,7 @@ def test_unet_output_matches_diffusers_with_the_lora_loaded(model, forward, plai
 def test_diffusers_style_file_matches_diffusers(model, forward, diffusers_style_dir, torch_outputs):
     """No metadata and no alphas: diffusers takes alpha = rank (scale 1), and so do we."""
     _, base_params, abstract = model
-    lora_params, info = lora.load_lora_weights(diffusers_style_dir, abstract)
+    lora_params, info = lora_files.load_lora_weights(diffusers_style_dir, abstract)
     assert (info.scale, info.alpha, info.key_style, info.folded) == (1.0, None, "diffusers", False)
     assert rel_err(forward(base_params, lora_params, info.scale), torch_outputs["diffusers_keys"]) < PARITY_TOL
 
@@ -306,11 +306,11 @@ def test_bf16_apply_keeps_a_delta_that_merging_into_bf16_weights_rounds_away():
 # ---- the file: round trip, other styles, refusals ------------------------------------------------------
 
 def test_save_load_round_trip_is_bit_exact(model, lora_dir, random_lora):
-    lora_params, info = lora.load_lora_weights(lora_dir, model[2])
+    lora_params, info = lora_files.load_lora_weights(lora_dir, model[2])
     assert jax.tree.structure(lora_params) == jax.tree.structure(random_lora)
     assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
                for x, y in zip(jax.tree.leaves(lora_params), jax.tree.leaves(random_lora)))
-    assert info == lora.LoraInfo(path=os.path.join(lora_dir, lora.LORA_WEIGHTS_NAME), scale=SCALE, rank=RANK,
+    assert info == lora_files.LoraInfo(path=os.path.join(lora_dir, lora_files.LORA_WEIGHTS_NAME), scale=SCALE, rank=RANK,
                                  alpha=ALPHA, target_modules=TARGETS, key_style="peft", folded=False, modules=49)
     with open(info.path, "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
@@ -318,7 +318,7 @@ def test_save_load_round_trip_is_bit_exact(model, lora_dir, random_lora):
     assert (metadata["unet.r"], metadata["unet.lora_alpha"]) == (4, 8)
     assert header["__metadata__"]["format"] == "pt"
     # The file itself or its folder.
-    assert lora.load_lora_weights(info.path, model[2])[1] == info
+    assert lora_files.load_lora_weights(info.path, model[2])[1] == info
 
 
 def test_diffusers_style_alphas_and_attention_processor_keys(model, random_lora, tmp_path):
@@ -328,27 +328,27 @@ def test_diffusers_style_alphas_and_attention_processor_keys(model, random_lora,
     # One alpha for every module: scale alpha / rank, B as in the file.
     uniform = dict(state_dict, **{f"{module}.alpha": np.array(8.0, np.float32) for module in modules})
     save_file(uniform, str(tmp_path / "uniform.safetensors"))
-    lora_params, info = lora.load_lora_weights(str(tmp_path / "uniform.safetensors"), abstract)
+    lora_params, info = lora_files.load_lora_weights(str(tmp_path / "uniform.safetensors"), abstract)
     assert (info.scale, info.alpha, info.folded, info.rank) == (2.0, 8.0, False, RANK)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(lora_params), jax.tree.leaves(random_lora)))
     # Different alphas: each module's scale goes into its B, the returned scale is 1.
     mixed = dict(state_dict, **{f"{module}.alpha": np.array(8.0 if "attn1" in module else 2.0, np.float32)
                                 for module in modules})
     save_file(mixed, str(tmp_path / "mixed.safetensors"))
-    lora_params, info = lora.load_lora_weights(str(tmp_path / "mixed.safetensors"), abstract)
+    lora_params, info = lora_files.load_lora_weights(str(tmp_path / "mixed.safetensors"), abstract)
     assert (info.scale, info.folded) == (1.0, True)
     for path, (_, lora_B) in lora.adapters(lora_params).items():
         factor = 2.0 if "attn1" in path else 0.5
         np.testing.assert_array_equal(lora_B, lora.adapters(random_lora)[path][1] * np.float32(factor))
     # diffusers' first format (attention processors, no unet. prefix).
     procs = {}
-    for key, value in lora.lora_state_dict(random_lora).items():
+    for key, value in lora_files.lora_state_dict(random_lora).items():
         module, part = key.removeprefix("unet.").rsplit(".", 2)[0], "down" if ".lora_A." in key else "up"
         attention, projection = module.removesuffix(".0").rsplit(".", 1)
         if projection in ("to_q", "to_k", "to_v", "to_out"):
             procs[f"{attention}.processor.{projection}_lora.{part}.weight"] = value
     save_file(procs, str(tmp_path / "procs.safetensors"))
-    lora_params, info = lora.load_lora_weights(str(tmp_path / "procs.safetensors"), abstract)
+    lora_params, info = lora_files.load_lora_weights(str(tmp_path / "procs.safetensors"), abstract)
     assert (info.key_style, info.modules, info.scale) == ("diffusers-attn-procs", 32, 1.0)
     for path, (lora_A, lora_B) in lora.adapters(lora_params).items():
         assert np.array_equal(lora_A, lora.adapters(random_lora)[path][0])
@@ -403,7 +403,7 @@ def test_files_it_cannot_apply_are_one_line_model_errors(model, tmp_path, tensor
     path = str(tmp_path / "lora.safetensors")
     save_file(tensors, path)
     with pytest.raises(errors.ModelError) as caught:
-        lora.load_lora_weights(path, model[2])
+        lora_files.load_lora_weights(path, model[2])
     assert str(caught.value) == f"LoRA file {path} {message}"
 
 
@@ -420,7 +420,7 @@ def test_unreadable_or_missing_files_are_one_line_model_errors(model, tmp_path):
                                        f"as pytorch_lora_weights.safetensors"}
     for path, message in cases.items():
         with pytest.raises(errors.ModelError) as caught:
-            lora.load_lora_weights(path, model[2])
+            lora_files.load_lora_weights(path, model[2])
         assert str(caught.value) == message
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from t2i_flax.noise import load_noise_schedule, schedule_from_config
+from t2i_flax.diffusion.noise import load_noise_schedule, schedule_from_config
 
 CONFIGS = [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon"),

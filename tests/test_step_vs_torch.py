@@ -24,7 +24,7 @@ from transformers import CLIPTextModel
 
 from t2i_flax import data, optim, sharding, step, tokenizer, weights
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
-from t2i_flax.noise import load_noise_schedule
+from t2i_flax.diffusion.noise import load_noise_schedule
 
 from conftest import RESOLUTION
 

@@ -8,11 +8,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 from t2i_flax import cli, data, optim, sharding, step, tokenizer, weights
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
-from t2i_flax.noise import load_noise_schedule
+from t2i_flax.diffusion.noise import load_noise_schedule
 
 from conftest import RESOLUTION
 
@@ -94,6 +95,30 @@ def paths_argv(model_dir, dataset_dir, output_dir, *extra):
             "--report_to", "none", *extra]
 
 
+VALIDATION_PROMPTS = ["a red circle on a blue background", "a yellow square"]
+VALIDATION = ["--validation_prompts", *VALIDATION_PROMPTS, "--num_validation_images", "2", "--validation_steps", "2",
+              "--validation_num_inference_steps", "3", "--validation_scheduler", "ddim"]
+
+
+def assert_validation_grid_is_what_generate_draws(grid_path, model_dir, seed, **load):
+    """The grid the trainer drew (from the weights it exports) against `generate` on the export: the same
+    prompts, seed, scheduler and guidance give the same pixels."""
+    from t2i_flax import generate, validation
+    from t2i_flax.diffusion import sample
+
+    grid = np.asarray(Image.open(grid_path)).astype(np.int32)
+    pipeline = generate.load_pipeline(model_dir, **load)
+    prompts = [prompt for prompt in VALIDATION_PROMPTS for _ in range(2)]
+    images = generate.run_sampler(pipeline, prompts, num_inference_steps=3, guidance_scale=7.5, seed=seed,
+                                  scheduler="ddim")
+    drawn = validation.labelled_grid(sample.to_uint8(images), VALIDATION_PROMPTS, 2).astype(np.int32)
+    assert drawn.shape == grid.shape and grid.std() > 1
+    # Measured: at most 1 of 255 apart in a few pixels (the trainer's sampler runs on the training mesh, with
+    # FSDP-sharded weights, generate's on all devices replicated: float reduction order).
+    difference = np.abs(drawn - grid)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
+
+
 @pytest.fixture(scope="module")
 def readme_paths(fp16_variant_pipeline_dir, dataset_dir, tmp_path_factory):
     """The TPU advice (--fsdp 8, EMA, 2 worker processes) and the same run data parallel, in this process,
@@ -102,7 +127,8 @@ def readme_paths(fp16_variant_pipeline_dir, dataset_dir, tmp_path_factory):
     import io
 
     runs = {}
-    for name, extra in (("fsdp8_ema_workers", ["--fsdp", "8", "--use_ema", "--dataloader_num_workers", "2"]),
+    for name, extra in (("fsdp8_ema_workers", ["--fsdp", "8", "--use_ema", "--dataloader_num_workers", "2",
+                                               *VALIDATION]),
                         ("data_parallel", [])):
         output_dir = str(tmp_path_factory.mktemp(name))
         stdout = io.StringIO()
@@ -127,6 +153,14 @@ def test_epochs_samples_scale_lr_and_v_prediction_as_told(readme_paths):
             assert json.load(handle)["prediction_type"] == "v_prediction"
         saved = json.load(open(os.path.join(output_dir, "training_args.json")))
         assert saved["data"]["max_train_samples"] == 8 and saved["model"]["variant"] == "fp16"
+
+
+def test_validation_while_training_draws_what_generate_draws_from_the_export(readme_paths):
+    """The validation grid of the last step (EMA weights, FSDP 8) equals generate's images of the exported pipeline."""
+    output_dir = readme_paths["fsdp8_ema_workers"][0]
+    assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step_2.png"]
+    assert_validation_grid_is_what_generate_draws(os.path.join(output_dir, "validation", "step_2.png"), output_dir,
+                                                  seed=3)
 
 
 def test_fsdp8_with_workers_trains_like_data_parallel(readme_paths):
@@ -214,6 +248,9 @@ def components(torch_pipeline_dir, dataset_dir):
                 schedule=load_noise_schedule(pipeline_dir))
 
 
+TRAIN_STEP = step.train_step
+
+
 def run_steps(components, mesh, batches, learning_rate=1e-3, use_ema=True, optimizer=None):
     lr = optim.learning_rate_schedule("constant", learning_rate, 0, 100)
     config = step.StepConfig(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
@@ -222,12 +259,15 @@ def run_steps(components, mesh, batches, learning_rate=1e-3, use_ema=True, optim
     state, state_sharding = step.create_state(config, mesh, components["unet_params"], seed=0)
     frozen_sharding = sharding.tree_shardings(mesh, components["frozen"])
     frozen = jax.device_put(components["frozen"], frozen_sharding)
-    train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
-    losses = []
-    for batch in batches:
-        state, metrics = train_step(state, frozen, sharding.global_batch(mesh, batch))
-        losses.append(float(metrics["loss"]))
-    assert train_step._cache_size() == 1  # compiled once
+    traces = []  # the step's Python body runs once per trace (chex's assert_max_traces does the same)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "train_step", lambda *args: traces.append(1) or TRAIN_STEP(*args))
+        train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
+        losses = []
+        for batch in batches:
+            state, metrics = train_step(state, frozen, sharding.global_batch(mesh, batch))
+            losses.append(float(metrics["loss"]))
+    assert len(traces) == 1, len(traces)  # traced and compiled once for all the steps
     return losses, jax.device_get(state)
 
 
@@ -262,8 +302,8 @@ def test_same_global_batch_same_result_on_any_layout(components, data_parallel_8
     all-reduce). Losses agree to rtol 2e-5 (measured <= 1.2e-7) and the parameters and EMA after two AdamW
     steps to 1e-5 (measured <= 3.6e-6; at most 1 entry in 10,000 beyond) except where Adam is ill-conditioned:
     its first update is lr x g / (|g| + eps), and where |g| < 100 eps (0.7% of the entries here) a relative
-    change of g from the reduction order becomes any fraction of lr. Those entries are bounded by what Adam
-    can move them, 2 x lr x steps (measured max difference there: 8.6e-5 = 0.09 lr)."""
+    change of g from the reduction order becomes any fraction of lr (measured max difference there: 8.6e-5 = 0.09 lr;
+    bounded at 3 times that)."""
     batches = components["batches"]
     reference_losses, reference_state, first_grads = data_parallel_8
     if layout == "one_device":
@@ -277,13 +317,15 @@ def test_same_global_batch_same_result_on_any_layout(components, data_parallel_8
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
     ill = {path: np.abs(np.asarray(g)) < 100 * 1e-8 for path, g in weights.flatten(first_grads).items()}
     assert sum(m.sum() for m in ill.values()) < 1e-2 * sum(m.size for m in ill.values())
-    adam_bound = 2 * LAYOUT_LR * len(batches)
+    # Measured at the ill-conditioned entries: at most 8.6e-5 = 0.09 lr; the bound is 3 times that (what Adam
+    # could move them in 2 steps, 2 x lr x 2, could never fail).
+    ill_bound = 0.27 * LAYOUT_LR
     for tree in ("params", "ema_params"):
         flat = weights.flatten(getattr(state, tree))
         beyond, well_conditioned = 0, 0
         for path, value in weights.flatten(getattr(reference_state, tree)).items():
             error = np.abs(np.asarray(flat[path]) - np.asarray(value))
-            assert (error <= adam_bound).all(), (tree, "/".join(path), error.max())
+            assert (error <= ill_bound).all(), (tree, "/".join(path), error.max())
             beyond += int((error[~ill[path]] > 1e-5).sum())
             well_conditioned += int((~ill[path]).sum())
         # The second step's Adam ratio m / sqrt(v) can be ill-conditioned too where g2 nearly cancels g1 in m:

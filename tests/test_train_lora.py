@@ -10,13 +10,14 @@ import torch
 from safetensors.numpy import load_file
 
 from oracle import rel_err
-from t2i_flax import checkpoint, cli, export, lora, train
+from t2i_flax import checkpoint, cli, export, lora, lora_files, trainable
 from t2i_flax.models import FlaxUNet2DConditionModel
 
 from conftest import RESOLUTION
+from test_train import VALIDATION, assert_validation_grid_is_what_generate_draws
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LORA_FILE = lora.LORA_WEIGHTS_NAME
+LORA_FILE = lora_files.LORA_WEIGHTS_NAME
 UNET_FILE = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 # Our UNet with the trained adapters against the PyTorch UNet with the file loaded by diffusers, float32:
 # measured 1.3e-6 (the base models alone differ by about as much).
@@ -45,15 +46,23 @@ def trained(torch_pipeline_dir, dataset_dir, tmp_path_factory):
     """4 LoRA steps with EMA and --lora_merge, data parallel."""
     output_dir = str(tmp_path_factory.mktemp("lora-run"))
     assert cli.main(lora_argv(torch_pipeline_dir, dataset_dir, output_dir, "--use_ema", "--ema_decay", "0.5",
-                              "--lora_merge")) == 0
+                              "--lora_merge", *VALIDATION[:-6], "--validation_steps", "4",
+                              *VALIDATION[-4:])) == 0
     return output_dir
+
+
+def test_validation_while_training_draws_what_generate_draws_with_the_lora(trained, torch_pipeline_dir):
+    """The last validation grid (the EMA of the adapters on the frozen UNet) equals `generate --lora` of the
+    exported file on the base model."""
+    assert_validation_grid_is_what_generate_draws(os.path.join(trained, "validation", "step_4.png"),
+                                                  torch_pipeline_dir, seed=2, lora=trained)
 
 
 def test_diffusers_loads_the_trained_file_and_draws_what_our_unet_draws(trained, torch_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
     unet, base = FlaxUNet2DConditionModel.from_pretrained(torch_pipeline_dir, subfolder="unet")
-    adapters, info = lora.load_lora_weights(trained, unet.abstract_params())
+    adapters, info = lora_files.load_lora_weights(trained, unet.abstract_params())
     assert (info.rank, info.scale, info.modules) == (4, 2.0, 32)
     assert max(np.abs(np.asarray(b)).max() for _, b in lora.adapters(adapters).values()) > 1e-4  # B moved
     rng = np.random.default_rng(0)
@@ -115,15 +124,16 @@ def test_resume_is_exact_and_fsdp_trains_the_same_adapters(trained, torch_pipeli
     assert cli.main(argv) == 0
     unet = FlaxUNet2DConditionModel.from_pretrained(torch_pipeline_dir, subfolder="unet", load_weights=False)[0]
     where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shape = jax.eval_shape(train.init_lora(cli.parse_config(argv), unet))
+    shape = trainable.from_config(cli.parse_config(argv)).abstract_params(unet)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), shape)
     read = lambda folder: jax.device_get(checkpoint.Checkpoints(folder, read_only=True).restore(  # noqa: E731
         2, {"params": abstract})["params"])
-    a = lora.lora_state_dict(read(os.path.join(sharded, "checkpoints")))
-    b = lora.lora_state_dict(read(os.path.join(trained, "checkpoints")))
+    a = lora_files.lora_state_dict(read(os.path.join(sharded, "checkpoints")))
+    b = lora_files.lora_state_dict(read(os.path.join(trained, "checkpoints")))
     # Adam's first update of an entry is lr x g / (|g| + eps): where |g| is near eps, the reduction order
     # decides any fraction of lr (measured: 0.5% of the entries differ by more than 2e-6, at most 0.05 lr);
-    # everywhere else the runs agree to 2e-6. Bound: what Adam can move an entry in 2 steps, 2 x lr x 2.
+    # everywhere else the runs agree to 2e-6. Bounds: 4 times the measured fraction, 3 times the measured max.
     differences = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
-    assert (differences > 2e-6).mean() < 0.02 and differences.max() <= 2 * 1e-2 * 2
+    assert (differences > 2e-6).mean() < 0.02 and differences.max() <= 0.15 * 1e-2, (
+        (differences > 2e-6).mean(), differences.max())
     assert max(np.abs(b[k]).max() for k in b if k.endswith("lora_B.weight")) > 1e-3

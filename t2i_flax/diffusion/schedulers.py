@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_flax import errors
-from t2i_flax.noise import alphas_cumprod_for
+from t2i_flax.diffusion.noise import alphas_cumprod_for
 
 CLASS_NAMES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
                "dpm++2m": "DPMSolverMultistepScheduler"}

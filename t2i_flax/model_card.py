@@ -1,0 +1,68 @@
+"""The model card: README.md in diffusers' model card style, beside the exported model."""
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def settings_table(config, plan, trainable) -> dict:
+    """The training settings the card lists (after --scale_lr and the data's step count)."""
+    optimizer = config.optimizer
+    return {"steps": plan.max_train_steps, "global batch": plan.global_batch_size,
+            "resolution": config.data.resolution, "learning rate": f"{plan.learning_rate:g} ({optimizer.lr_scheduler}, "
+            f"{optimizer.lr_warmup_steps} warmup steps)", "AdamW": f"betas {optimizer.adam_beta1}/{optimizer.adam_beta2}, "
+            f"weight decay {optimizer.adam_weight_decay}, eps {optimizer.adam_epsilon}",
+            "max grad norm": optimizer.max_grad_norm, "mixed precision": config.model.mixed_precision,
+            "EMA": f"decay {config.train.ema_decay}" if config.train.use_ema else "no",
+            "noise offset": config.train.noise_offset, "seed": config.train.seed,
+            "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
+                           f"{'random' if config.data.random_flip else 'none'}",
+            **trainable.card_settings()}
+
+
+def write_model_card(output_dir: str, base_model: str, dataset: str, settings: dict, validation_grid: str | None,
+                     prompts: list[str], lora: bool = False, license_name: str = "other") -> str:
+    """README.md in diffusers' model card style: YAML front matter (base_model, license, tags), what it was
+    trained on and how, the last validation grid, how to load it. Returns its path."""
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "t2i_flax", "jax-flax"]
+    tags += ["lora"] if lora else []
+    lines = ["---", f"base_model: {base_model}", f"license: {license_name}", "library_name: diffusers",
+             "pipeline_tag: text-to-image", "tags:"] + [f"- {tag}" for tag in tags] + ["inference: true", "---", ""]
+    name = os.path.basename(os.path.abspath(output_dir))
+    kind = "LoRA adapters for" if lora else "a fine-tune of"
+    shown = f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
+    lines += [f"# {name}", "", f"{kind} {shown} on `{dataset}`, trained with t2i_flax (JAX/Flax).", ""]
+    if validation_grid is not None:
+        shutil.copyfile(validation_grid, os.path.join(output_dir, "validation.png"))
+        lines += ["## Validation images (end of training)", "", "![validation images](validation.png)", "",
+                  "Prompts: " + "; ".join(f"`{p}`" for p in prompts), ""]
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    lines += ["", "## How to use", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    if lora:
+        lines += [f'pipeline = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)',
+                  f'pipeline.load_lora_weights("{name}")']
+    else:
+        lines += [f'pipeline = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.float16)']
+    prompt = prompts[0] if prompts else "a photo"
+    lines += ['pipeline = pipeline.to("cuda")', f'image = pipeline("{prompt}").images[0]', "```", "",
+              "Or with JAX, without PyTorch:", "", "```bash",
+              f'python -m t2i_flax.generate --model {base_model if lora else name}'
+              + (f" --lora {name}" if lora else "") + f' --prompt "{prompt}" --out images', "```", ""]
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+    return path
+
+
+def base_model_license(model_dir: str) -> str:
+    """The `license:` of the base model's own model card when it came with one, else "other"."""
+    path = os.path.join(model_dir, "README.md")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(20000)
+        if text.startswith("---"):
+            for line in text.split("---")[1].splitlines():
+                if line.startswith("license:"):
+                    return line.split(":", 1)[1].strip() or "other"
+    return "other"

@@ -1,0 +1,190 @@
+"""One abstract training setup: everything a run compiles, from the typed config, the mesh and the plan, with no
+weights loaded. The trainer (train.run), `python -m t2i_flax.aot` and bench/train_step.py all build it here, so
+they compile the same program.
+
+    base = setup.read_base_model(model_dir)     # the family, scheduler config and tokenizer (no weights)
+    plan = setup.Plan.make(config, device_count, local_device_count, num_examples, steps_per_epoch)
+    built = setup.build(config, base, mesh, plan)
+    built.state, built.frozen, built.batch       # sharded ShapeDtypeStructs: state, frozen models, global batch
+    compiled = built.lower().compile()           # the train step
+    frozen = built.place_frozen(params)          # the loaded frozen models, cast and placed as the step expects
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_flax import family as families
+from t2i_flax import optim, sharding, step, trainable
+from t2i_flax.config import RunConfig
+from t2i_flax.diffusion.noise import NoiseSchedule, read_scheduler_config, schedule_from_config
+from t2i_flax.errors import FlagError
+
+COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the configuration comes to on these devices and this dataset."""
+    global_batch_size: int
+    host_batch_size: int
+    learning_rate: float          # after --scale_lr
+    num_examples: int
+    steps_per_epoch: int
+    max_train_steps: int          # --max_train_steps, or epochs x steps per epoch
+    num_train_epochs: int
+
+    @classmethod
+    def make(cls, config: RunConfig, device_count: int, local_device_count: int, num_examples: int,
+             steps_per_epoch: int) -> "Plan":
+        per_device = config.train.train_batch_size
+        global_batch_size = per_device * device_count
+        learning_rate = config.optimizer.learning_rate
+        if config.optimizer.scale_lr:
+            learning_rate *= global_batch_size
+        if config.train.max_train_steps is None:  # as the reference: --max_train_steps wins over epochs
+            max_steps, epochs = config.train.num_train_epochs * steps_per_epoch, config.train.num_train_epochs
+        else:
+            max_steps = config.train.max_train_steps
+            epochs = math.ceil(max_steps / steps_per_epoch)
+        return cls(global_batch_size, per_device * local_device_count, learning_rate, num_examples,
+                   steps_per_epoch, max_steps, epochs)
+
+    @classmethod
+    def without_data(cls, config: RunConfig, device_count: int, local_device_count: int) -> "Plan":
+        """For compiling without a dataset (aot, bench): the data sets only the schedule's length, not the step's
+        memory; without --max_train_steps, one step an epoch."""
+        return cls.make(config, device_count, local_device_count, config.train.train_batch_size * device_count, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """The base model's folder as far as a setup needs it before any weights: what family it is, its training
+    noise schedule's config and its tokenizer."""
+    model_dir: str
+    family: object                # family.StableDiffusion
+    scheduler_config: dict
+    tokenizer: object
+
+
+def read_base_model(model_dir: str) -> BaseModel:
+    """ModelError (one line) for a folder that is not a pipeline of a supported family."""
+    scheduler_config = read_scheduler_config(model_dir)
+    family = families.detect(model_dir)
+    return BaseModel(model_dir, family, scheduler_config, family.tokenizer(model_dir))
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """What a run compiles, abstract: the step's arguments as sharded ShapeDtypeStructs and the step."""
+    config: RunConfig
+    base: BaseModel
+    mesh: jax.sharding.Mesh
+    plan: Plan
+    modules: families.Modules
+    noise_schedule: NoiseSchedule
+    dtype: object                 # the compute dtype
+    trained: object               # trainable.FullUNet | trainable.LoraAdapters: what is trained
+    step_config: step.StepConfig
+    state: step.TrainState        # sharded ShapeDtypeStructs
+    state_sharding: object
+    frozen: dict                  # sharded ShapeDtypeStructs of what the step reads of the frozen models
+    frozen_sharding: object
+    batch: dict                   # sharded ShapeDtypeStructs of one global batch
+
+    @property
+    def unet(self):
+        return self.modules.unet
+
+    @property
+    def vae(self):
+        return self.modules.vae
+
+    @property
+    def text_encoder(self):
+        return self.modules.text_encoder
+
+    def train_step(self):
+        """The jitted step (explicit shardings, the state donated)."""
+        return step.compile_train_step(self.step_config, self.mesh, self.state_sharding, self.frozen_sharding)
+
+    def lower(self):
+        return self.train_step().lower(self.state, self.frozen, self.batch)
+
+    def frozen_params(self, params: dict) -> dict:
+        """The step's frozen tree from the loaded host params ({component: tree}), in the compute dtype (as the
+        PyTorch script casts the frozen models; with LoRA the UNet too)."""
+        tree = step.frozen_params(None if self.config.data.cache_latents else params["vae"], params["text_encoder"],
+                                  self.trained.frozen_unet(params.get("unet")))
+        return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), tree)
+
+    def place_frozen(self, params: dict) -> dict:
+        return jax.device_put(self.frozen_params(params), self.frozen_sharding)
+
+    def sampler_unet(self, state, frozen: dict):
+        """(the sampler's params["unet"], its unet_fn) for the weights that are exported (the EMA with
+        --use_ema); arrays or ShapeDtypeStructs."""
+        return self.trained.sampler_unet(self.unet, step.exported_params(state), frozen)
+
+
+def abstract_batch(mesh, global_batch_size: int, resolution: int, max_length: int, vae, cache_latents: bool) -> dict:
+    """The global batch's ShapeDtypeStructs: images, or with --cache_latents the VAE posterior's moments."""
+    where = sharding.batch_sharding(mesh)
+    batch = {"input_ids": jax.ShapeDtypeStruct((global_batch_size, max_length), jnp.int32, sharding=where)}
+    if cache_latents:
+        factor = 2 ** (len(vae.block_out_channels) - 1)
+        moments = jax.ShapeDtypeStruct((global_batch_size, vae.latent_channels, resolution // factor,
+                                        resolution // factor), jnp.float32, sharding=where)
+        batch.update(latent_mean=moments, latent_std=moments)
+    else:
+        batch["pixel_values"] = jax.ShapeDtypeStruct((global_batch_size, 3, resolution, resolution), jnp.float32,
+                                                     sharding=where)
+    return batch
+
+
+def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, noise_schedule: NoiseSchedule,
+                     trained) -> step.StepConfig:
+    optimizer_config = config.optimizer
+    schedule = optim.learning_rate_schedule(optimizer_config.lr_scheduler, plan.learning_rate,
+                                            optimizer_config.lr_warmup_steps, plan.max_train_steps)
+    optimizer = optim.make_optimizer(schedule, optimizer_config.adam_beta1, optimizer_config.adam_beta2,
+                                     optimizer_config.adam_weight_decay, optimizer_config.adam_epsilon,
+                                     optimizer_config.max_grad_norm, optimizer_config.no_decay_bias_and_norm)
+    return step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder,
+                           noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
+                           use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
+                           noise_offset=config.train.noise_offset, trainable=trained)
+
+
+def _placed(tree, shardings):
+    return jax.tree_util.tree_map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+                                  tree, shardings)
+
+
+def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
+    """The abstract setup of `config` on `mesh` (FlagError/ModelError, one line, for what does not fit together)."""
+    noise_schedule = schedule_from_config(base.scheduler_config, config.model.prediction_type)
+    dtype = COMPUTE_DTYPES[config.model.mixed_precision]
+    modules = base.family.modules(base.model_dir, config.model, dtype)
+    vae_factor = 2 ** (len(modules.vae.block_out_channels) - 1)
+    if config.data.resolution % vae_factor:
+        raise FlagError(f"--resolution {config.data.resolution} must be a multiple of {vae_factor} for this VAE")
+    trained = trainable.from_config(config)
+    step_config = make_step_config(config, plan, modules, noise_schedule, trained)
+    abstract_state, state_sharding = step.state_shardings(step_config, mesh, trained.abstract_params(modules.unet),
+                                                          config.train.seed)
+    shapes = {"unet": modules.unet.abstract_params(), "vae": modules.vae.abstract_params(),
+              "text_encoder": modules.text_encoder.abstract_params()}
+    frozen = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), step.frozen_params(
+        None if config.data.cache_latents else shapes["vae"], shapes["text_encoder"],
+        trained.frozen_unet(shapes["unet"])))
+    frozen_sharding = sharding.tree_shardings(mesh, frozen)
+    batch = abstract_batch(mesh, plan.global_batch_size, config.data.resolution, int(base.tokenizer.model_max_length),
+                           modules.vae, config.data.cache_latents)
+    return TrainSetup(config, base, mesh, plan, modules, noise_schedule, dtype, trained, step_config,
+                      _placed(abstract_state, state_sharding), state_sharding, _placed(frozen, frozen_sharding),
+                      frozen_sharding, batch)

@@ -1,0 +1,116 @@
+"""What is trained: the whole UNet, or LoRA adapters beside the frozen UNet. Chosen once from the config
+(`trainable.from_config(config)`); the setup, the step, validation, aot and the export ask it what to do, so
+the next kind (text-encoder LoRA, DoRA) is one more class here, not branches through the trainer.
+
+    kind = trainable.from_config(config)
+    shapes = kind.abstract_params(unet)                  # the trained tree: state, Adam, EMA, checkpoints
+    params = kind.initial_params(unet, unet_params)      # step 0 (host or device arrays)
+    frozen_unet = kind.frozen_unet(unet_params)          # frozen["unet"] of the step (None: the UNet is trained)
+    output = kind.apply_unet(unet, params, frozen, latents, timesteps, context, train=True, rngs=...)
+    unet_params, unet_fn = kind.sampler_unet(unet, trained, frozen)   # what the sampler reads
+    what = kind.export(writer, trained)                  # the end of training's files (export.PipelineWriter)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from t2i_flax import lora, lora_files
+
+LORA_INIT_STREAM = 0x4C6F5241  # "LoRA": the adapters' init key, apart from the step's random streams
+
+
+class FullUNet:
+    """Full fine-tuning: the trained tree is the UNet's own parameters (float32)."""
+    is_adapter = False
+
+    def needs_unet_weights(self, resuming: bool) -> bool:
+        return not resuming  # a restored state holds the trained UNet
+
+    def abstract_params(self, unet):
+        return unet.abstract_params()
+
+    def initial_params(self, unet, unet_params):
+        return unet_params
+
+    def frozen_unet(self, unet_params):
+        return None
+
+    def apply_unet(self, unet, params, frozen: dict, *args, **kwargs):
+        return unet.apply({"params": params}, *args, **kwargs)
+
+    def sampler_unet(self, unet, trained, frozen: dict) -> tuple[object, Callable | None]:
+        return trained, None
+
+    def describe(self, unet) -> str | None:
+        return None
+
+    def card_settings(self) -> dict:
+        return {}
+
+    def export(self, writer, trained) -> str:
+        writer.write_pipeline(trained)
+        return "fine-tuned pipeline"
+
+
+class LoraAdapters:
+    """LoRA: the trained tree is the adapters (t2i_flax/lora.py); the UNet is a frozen input of the step."""
+    is_adapter = True
+
+    def __init__(self, lora_config, seed: int):
+        self.settings = lora_config
+        self.rank = lora.check_rank(lora_config.lora_rank)
+        self.scale = lora_config.scale
+        self.targets = lora.parse_target_modules(lora_config.lora_target_modules)
+        self.key = jax.random.fold_in(jax.random.PRNGKey(seed), LORA_INIT_STREAM)
+
+    def needs_unet_weights(self, resuming: bool) -> bool:
+        return True  # the frozen base
+
+    def _init(self, unet):
+        """The adapters at step 0 (A Gaussian, B zero), as a jitted function of nothing."""
+        return jax.jit(lambda: lora.init_lora_params(self.key, unet.abstract_params(), self.rank, self.targets))
+
+    def abstract_params(self, unet):
+        return jax.eval_shape(self._init(unet))
+
+    def initial_params(self, unet, unet_params):
+        return self._init(unet)()
+
+    def frozen_unet(self, unet_params):
+        return unet_params
+
+    def apply_unet(self, unet, params, frozen: dict, *args, **kwargs):
+        return lora.apply_unet(unet, frozen["unet"], params, self.scale, *args, **kwargs)
+
+    def sampler_unet(self, unet, trained, frozen: dict) -> tuple[object, Callable | None]:
+        return lora.sampler_unet_params(frozen["unet"], trained, self.scale), lora.sampler_unet_fn(unet)
+
+    def describe(self, unet) -> str:
+        shapes = unet.abstract_params()
+        return (f"LoRA: rank {self.rank}, scale {self.scale:g}, {len(lora.adapted_modules(shapes, self.targets))} "
+                f"adapted layers, {lora.param_count(self.abstract_params(unet)):,} trained parameters")
+
+    def card_settings(self) -> dict:
+        settings = self.settings
+        return {"LoRA": f"rank {settings.lora_rank}, alpha {settings.lora_alpha or settings.lora_rank}, "
+                        f"targets {settings.lora_target_modules}"}
+
+    def export(self, writer, trained) -> str:
+        """The adapters' file; with --lora_merge also the pipeline with them merged into the float32 UNet."""
+        lora_files.save_lora_weights(writer.output_dir, trained, self.rank, self.settings.lora_alpha, self.targets)
+        if not self.settings.lora_merge:
+            return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME})"
+        writer.write_pipeline(jax.device_get(lora.merge_lora(writer.base_unet_params(), trained, self.scale)))
+        return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}) and the pipeline with them merged"
+
+
+FULL_UNET = FullUNet()
+
+
+def from_config(config) -> FullUNet | LoraAdapters:
+    """What the run trains, from the typed RunConfig."""
+    if config.lora.enabled:
+        return LoraAdapters(config.lora, config.train.seed)
+    return FULL_UNET
