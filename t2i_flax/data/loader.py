@@ -118,14 +118,28 @@ class TrainIterator(grain.DatasetIterator):
         return f"TrainIterator(next_batch={self._next_batch})"
 
 
-def _die_with_the_parent(worker_index: int, worker_count: int) -> None:
-    """In each decode worker: exit when the training process is gone, also after a SIGKILL (a preempted VM,
-    an OOM kill), which leaves it no chance to stop its workers; else they would linger, holding memory and
-    the parent's output pipes. (Not prctl(PR_SET_PDEATHSIG): that follows the thread that started the
-    worker, and grain starts them from threads that end.)"""
+def _start_worker(worker_index: int, worker_count: int) -> None:
+    """In each decode worker, before it reads anything.
+
+    SIGINT and SIGTERM are ignored: this process's owner stops it. A Ctrl-C at a terminal, `timeout`, a
+    scheduler's stop signal the whole process group, workers included, while the trainer finishes its step and
+    then closes its iterator, which stops the workers. Killed by the signal instead, a worker leaks the shared
+    memory of the batch it holds (grain unlinks only what reached its queue), and one killed while writing a
+    batch into the queue's pipe leaves half a message there, which close() then waits for forever (grain 0.2.18:
+    ProcessPrefetchDatasetIterator._stop_prefetch reads the queue empty with get_nowait, and a message whose
+    writer died never ends, as the training process holds the pipe's write end too). CPython's resource tracker,
+    also a helper process, ignores the two signals too.
+
+    The worker exits when the training process is gone, also after a SIGKILL (a preempted VM, an OOM kill),
+    which leaves it no chance to stop its workers; else they would linger, holding memory and the parent's
+    output pipes. (Not prctl(PR_SET_PDEATHSIG): that follows the thread that started the worker, and grain
+    starts them from threads that end.)"""
+    import signal
     import threading
     import time
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:
@@ -219,7 +233,7 @@ class TrainLoader:
             return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers,
                                              per_worker_buffer_size=self.prefetch_batches),
-                worker_init_fn=_die_with_the_parent,
+                worker_init_fn=_start_worker,
             )
         # In process: threads decode the next batches (PIL releases the GIL while decoding/resizing).
         return dataset.to_iter_dataset(
