@@ -97,9 +97,15 @@ def _tokenizer():
         return load_tokenizer(folder)  # read into memory: the folder is not needed afterwards
 
 
+def _data_config(args, num_workers: int = 0):
+    from t2i_flax.config import DataConfig
+
+    return DataConfig(train_data_dir=args.folder, resolution=args.res, center_crop=False, random_flip=True,
+                      dataloader_num_workers=num_workers)
+
+
 def _loader_options(args) -> dict:
-    return dict(host_batch_size=args.batch, resolution=args.res, train_data_dir=args.folder, cache_dir=args.hf_cache,
-                center_crop=False, random_flip=True, seed=0, process_index=0, process_count=1)
+    return dict(host_batch_size=args.batch, cache_dir=args.hf_cache, seed=0, process_index=0, process_count=1)
 
 
 def startup(args) -> dict:
@@ -114,7 +120,11 @@ def startup(args) -> dict:
     dataset = data.load_train_dataset(train_data_dir=args.folder, cache_dir=args.hf_cache)
     load_s = time.perf_counter() - start
     # The loaded dataset is handed over (train_data_dir still names the folder: the scan file's key lists it).
-    loader = data.build_train_loader(tokenizer, dataset=dataset, **options)
+    if args.module is None:
+        loader = data.build_train_loader(_data_config(args), tokenizer, dataset=dataset, **options)
+    else:  # an older copy of the module: its keyword signature (the config's fields were keywords)
+        loader = data.build_train_loader(tokenizer, dataset=dataset, resolution=args.res, train_data_dir=args.folder,
+                                         center_crop=False, random_flip=True, **options)
     built = time.perf_counter()
     iterator = loader.iterator()
     next(iterator)
@@ -154,8 +164,8 @@ def throughput(args) -> list[dict]:
     tokenizer = _tokenizer()
     lines = []
     for workers in args.workers:
-        loader = data.build_train_loader(tokenizer, num_workers=workers, scan_cache_path=args.scan_file_for_throughput,
-                                         **_loader_options(args))
+        loader = data.build_train_loader(_data_config(args, workers), tokenizer,
+                                         scan_cache_path=args.scan_file_for_throughput, **_loader_options(args))
         iterator = loader.iterator()
         for _ in range(args.warmup):
             next(iterator)

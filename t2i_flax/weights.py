@@ -231,9 +231,13 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     tensors = {}
     with open(path, "rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
+        file_size = os.fstat(handle.fileno()).st_size
+        if 8 + header_size > file_size:  # a cut download, or another kind of file: its first 8 bytes are no length
+            raise WeightsError(f"{path} is truncated or not a safetensors file: its header length {header_size} "
+                               f"is more than the file's {file_size} bytes")
         try:
             header = json.loads(handle.read(header_size))
-        except (ValueError, MemoryError, OverflowError):
+        except ValueError:
             raise WeightsError(f"{path} is not a safetensors file (its header does not parse)") from None
         data_start = 8 + header_size
         for key, entry in header.items():

@@ -1,7 +1,11 @@
 """Input pipeline: transforms, image modes, unreadable images, captions, order, sharding, resume."""
+import dataclasses
 import io
 import json
 import logging
+import signal
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -10,6 +14,7 @@ import torch
 from PIL import Image
 
 from t2i_flax import data, synthetic
+from t2i_flax.config import DataConfig
 from t2i_flax.errors import CheckpointError, DataError
 from t2i_flax.data import (
     build_train_loader,
@@ -61,10 +66,17 @@ def record_of(batch, j: int) -> int:
     return [color_of(i) for i in range(256)].index(tuple(pixel))
 
 
+DATA_CONFIG_FIELDS = {field.name for field in dataclasses.fields(DataConfig)}
+IN_MEMORY = "in-memory test dataset"  # the name a DataConfig needs; the loader reads the dataset handed to it
+
+
 def loader(tokenizer, dataset, **kwargs):
+    """A loader over an in-memory dataset; kwargs: DataConfig fields and build_train_loader keywords."""
     options = dict(host_batch_size=4, resolution=8, center_crop=True, seed=0, process_index=0, process_count=1)
     options.update(kwargs)
-    return build_train_loader(tokenizer, dataset=dataset, **options)
+    config = DataConfig(dataset_name=IN_MEMORY, **{k: v for k, v in options.items() if k in DATA_CONFIG_FIELDS})
+    return build_train_loader(config, tokenizer, dataset=dataset,
+                              **{k: v for k, v in options.items() if k not in DATA_CONFIG_FIELDS})
 
 
 def take(iterator, n):
@@ -275,8 +287,9 @@ def bad_files():
 def test_unreadable_images_are_skipped_counted_and_warned_once(tmp_path, tokenizer, caplog):
     write_folder(tmp_path / "imgs", 8, bad_files())
     with caplog.at_level(logging.WARNING, logger="t2i_flax.data"):
-        train = build_train_loader(tokenizer, train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "c"),
-                                   host_batch_size=4, resolution=8, center_crop=True, process_index=0, process_count=1)
+        train = build_train_loader(DataConfig(train_data_dir=str(tmp_path / "imgs"), resolution=8, center_crop=True),
+                                   tokenizer, cache_dir=str(tmp_path / "c"), host_batch_size=4, seed=0,
+                                   process_index=0, process_count=1)
     stats = train.stats
     assert (stats.num_records, stats.num_examples, stats.num_skipped_images) == (12, 8, 4)
     assert len(train) == 8 and train.steps_per_epoch == 2
@@ -299,9 +312,9 @@ def test_unreadable_images_are_skipped_counted_and_warned_once(tmp_path, tokeniz
 
 def test_decode_failure_during_training_is_replaced_not_fatal(tmp_path, tokenizer, caplog):
     write_folder(tmp_path / "imgs", 8)
-    train = build_train_loader(tokenizer, train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "c"),
-                               host_batch_size=4, resolution=8, center_crop=True, process_index=0, process_count=1,
-                               prefetch_batches=1)
+    train = build_train_loader(DataConfig(train_data_dir=str(tmp_path / "imgs"), resolution=8, center_crop=True),
+                               tokenizer, cache_dir=str(tmp_path / "c"), host_batch_size=4, seed=0, process_index=0,
+                               process_count=1, prefetch_batches=1)
     (tmp_path / "imgs" / "good03.png").write_bytes(b"gone bad after the scan")
     with caplog.at_level(logging.WARNING, logger="t2i_flax.data"):
         batches = take(iter(train), 2)
@@ -316,9 +329,10 @@ def test_images_that_all_go_bad_during_training_are_one_data_error(tmp_path, tok
     """Readable at the scan, garbage afterwards: after 64 replacements in a row the run stops with a
     DataError (a user's problem, one line), also when the decoding happens in worker processes."""
     write_folder(tmp_path / "imgs", 70)
-    train = build_train_loader(tokenizer, train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "c"),
-                               host_batch_size=2, resolution=8, center_crop=True, process_index=0, process_count=1,
-                               prefetch_batches=1, num_workers=num_workers)
+    train = build_train_loader(DataConfig(train_data_dir=str(tmp_path / "imgs"), resolution=8, center_crop=True,
+                                          dataloader_num_workers=num_workers),
+                               tokenizer, cache_dir=str(tmp_path / "c"), host_batch_size=2, seed=0, process_index=0,
+                               process_count=1, prefetch_batches=1)
     for path in (tmp_path / "imgs").glob("*.png"):
         path.write_bytes(b"gone bad after the scan")
     batches = iter(train)
@@ -330,8 +344,8 @@ def test_images_that_all_go_bad_during_training_are_one_data_error(tmp_path, tok
 def test_dataset_without_a_readable_image_is_an_error(tmp_path, tokenizer):
     write_folder(tmp_path / "imgs", 0, bad_files())
     with pytest.raises(DataError, match="no readable image among the 4 records"):
-        build_train_loader(tokenizer, train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "c"),
-                           host_batch_size=1, resolution=8, process_index=0, process_count=1)
+        build_train_loader(DataConfig(train_data_dir=str(tmp_path / "imgs"), resolution=8), tokenizer,
+                           cache_dir=str(tmp_path / "c"), host_batch_size=1, seed=0, process_index=0, process_count=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +437,7 @@ def test_batches_shapes_epochs_and_pairing(tokenizer):
     assert (len(train), train.steps_per_epoch, train.total_batches) == (10, 2, 4)
     iterator = iter(train)
     batches = list(iterator)
-    assert len(batches) == 4 and iterator.epoch == 2
+    assert len(batches) == 4 and iterator.next_batch == 2 * train.steps_per_epoch  # at the start of epoch 2
     for batch in batches:
         assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape == (4, 3, 8, 8)
         assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape == (4, 77)
@@ -494,13 +508,72 @@ def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
     take(in_process, 2)
     state = in_process.get_state()
     expected = take(in_process, 4)
-    workers = loader(tokenizer, dataset, num_workers=2, **options).restore(state)
+    workers = loader(tokenizer, dataset, dataloader_num_workers=2, **options).restore(state)
     try:
         assert_batches_equal(take(workers, 4), expected)
         assert workers.get_state()["next_batch"] == 6
         assert workers._loader._example_fn._orders == {}  # nothing was computed in this process
     finally:
         workers.close()
+
+
+# One training process with 2 decode workers, in its own process group: reads 2 batches (one per worker), then,
+# for SIGTERM and then SIGINT, waits until the workers have filled every buffer, signals the whole group (as
+# `timeout`, a scheduler or a terminal's Ctrl-C do), and reads 12 more batches (more than the buffers hold). It
+# handles the signals itself, as the trainer does, closes the iterator and saves the batches to OUT.
+GROUP_SIGNALS_RUN = r"""
+import os, signal, sys, time
+import numpy as np
+from t2i_flax import data
+from t2i_flax.config import DataConfig
+from t2i_flax.tokenizer import load_tokenizer
+
+folder, hf_cache, tokenizer_dir, resolution, out = sys.argv[1:6]
+config = DataConfig(train_data_dir=folder, resolution=int(resolution), dataloader_num_workers=2)
+loader = data.build_train_loader(config, load_tokenizer(tokenizer_dir), cache_dir=hf_cache, host_batch_size=2, seed=0,
+                                 process_index=0, process_count=1)
+received = []
+for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda signum, frame: received.append(signum))
+batches = loader.iterator()
+taken = [next(batches), next(batches)]
+for signum in (signal.SIGTERM, signal.SIGINT):
+    time.sleep(2)
+    os.killpg(0, signum)
+    taken += [next(batches) for _ in range(12)]
+batches.close()
+np.savez(out, received=np.array(received), **{f"{key}_{i}": batch[key] for i, batch in enumerate(taken) for key in batch})
+"""
+
+
+def test_workers_survive_signals_to_the_process_group_and_leak_nothing(tmp_path, tokenizer):
+    """SIGTERM and SIGINT sent to the training process's group reach its decode workers too. The workers ignore
+    them (their owner stops them): the batches go on exactly as in one process, and at exit no shared memory is
+    left for Python's resource tracker to warn about. Without that, the SIGTERM kills the workers, one of them
+    typically in the middle of writing a batch (393 KB here, more than a pipe holds) into its queue, and the
+    reader waits forever for the rest (the timeout below); a SIGINT kills them with a traceback each, and the
+    batches they had made but not delivered leak."""
+    write_folder(tmp_path / "imgs", 8)
+    resolution = 128  # a host batch of 2 x 3 x 128 x 128 float32: 393 KB, more than a pipe's 64 KiB buffer
+    run = subprocess.Popen(
+        [sys.executable, "-c", GROUP_SIGNALS_RUN, str(tmp_path / "imgs"), str(tmp_path / "c"),
+         tokenizer.name_or_path, str(resolution), str(tmp_path / "batches.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        run.kill()  # its workers follow within a second, then its resource tracker frees what they left
+        run.communicate()
+        raise
+    assert run.returncode == 0, err[-3000:]
+    assert "leaked shared_memory" not in err and "Traceback" not in err, err[-3000:]
+    saved = np.load(tmp_path / "batches.npz")
+    assert saved["received"].tolist() == [signal.SIGTERM, signal.SIGINT]  # the run got both signals itself
+    expected = take(iter(build_train_loader(DataConfig(train_data_dir=str(tmp_path / "imgs"), resolution=resolution),
+                                            tokenizer, cache_dir=str(tmp_path / "c"), host_batch_size=2, seed=0,
+                                            process_index=0, process_count=1)), 26)
+    assert_batches_equal([{key: saved[f"{key}_{i}"] for key in ("input_ids", "pixel_values")} for i in range(26)],
+                         expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,8 +583,9 @@ def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
 
 def test_imagefolder_with_metadata_csv(tmp_path, tokenizer):
     write_folder(tmp_path / "imgs", 4, metadata="csv")
-    train = build_train_loader(tokenizer, train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "c"),
-                               host_batch_size=4, resolution=8, center_crop=True, process_index=0, process_count=1)
+    train = build_train_loader(DataConfig(train_data_dir=str(tmp_path / "imgs"), resolution=8, center_crop=True),
+                               tokenizer, cache_dir=str(tmp_path / "c"), host_batch_size=4, seed=0, process_index=0,
+                               process_count=1)
     batch = next(iter(train))
     for j in range(4):
         assert tokenizer.decode(batch["input_ids"][j], skip_special_tokens=True) == f"number {record_of(batch, j)}"
@@ -525,8 +599,9 @@ def test_local_dataset_by_name_works_offline(tmp_path, tokenizer, layout):
     else:
         (tmp_path / "ds").mkdir()
         dataset.to_parquet(tmp_path / "ds" / "train.parquet")
-    train = build_train_loader(tokenizer, dataset_name=str(tmp_path / "ds"), cache_dir=str(tmp_path / "c"),
-                               host_batch_size=4, resolution=8, center_crop=True, process_index=0, process_count=1)
+    train = build_train_loader(DataConfig(dataset_name=str(tmp_path / "ds"), resolution=8, center_crop=True),
+                               tokenizer, cache_dir=str(tmp_path / "c"), host_batch_size=4, seed=0, process_index=0,
+                               process_count=1)
     batch = next(iter(train))
     assert sorted(record_of(batch, j) for j in range(4)) == [0, 1, 2, 3]
 
@@ -548,6 +623,7 @@ def test_synthetic_dataset(tmp_path, tokenizer):
     # every word of a synthetic caption is one token of the tiny tokenizer
     ids = tokenizer(captions[0])["input_ids"]
     assert len(ids) == 2 + 7
-    train = build_train_loader(tokenizer, train_data_dir=str(tmp_path / "shapes"), cache_dir=str(tmp_path / "c"),
-                               host_batch_size=2, resolution=16, process_index=0, process_count=1)
+    train = build_train_loader(DataConfig(train_data_dir=str(tmp_path / "shapes"), resolution=16), tokenizer,
+                               cache_dir=str(tmp_path / "c"), host_batch_size=2, seed=0, process_index=0,
+                               process_count=1)
     assert len(train) == 6 and train.steps_per_epoch == 3

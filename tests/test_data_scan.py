@@ -16,13 +16,14 @@ import pytest
 from PIL import Image
 
 from t2i_flax import data
+from t2i_flax.config import DataConfig
 from t2i_flax.data import scan, scan_cache
 from t2i_flax.data.order import selected_records
 from t2i_flax.data.scan import HostGroup, merge_host_scans, scan_host_share
 from t2i_flax.errors import DataError
 from t2i_flax.tokenizer import load_tokenizer, write_tiny_clip_tokenizer
 
-from test_data import assert_batches_equal, bad_files, color_of, png_bytes, take, write_folder
+from test_data import DATA_CONFIG_FIELDS, assert_batches_equal, bad_files, color_of, png_bytes, take, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -217,11 +218,13 @@ def test_a_data_error_in_one_share_is_raised_identically_by_every_host(tokenizer
 
 
 def folder_loader(tokenizer, folder, cache, **kwargs):
+    """kwargs: DataConfig fields and build_train_loader keywords."""
     options = dict(host_batch_size=2, resolution=8, center_crop=False, random_flip=True, seed=0, process_index=0,
                    process_count=1, scan_cache_path=None if cache is None else str(cache))
     options.update(kwargs)
-    return data.build_train_loader(tokenizer, train_data_dir=str(folder), cache_dir=str(folder.parent / "hf"),
-                                   **options)
+    config = DataConfig(train_data_dir=str(folder), **{k: v for k, v in options.items() if k in DATA_CONFIG_FIELDS})
+    return data.build_train_loader(config, tokenizer, cache_dir=str(folder.parent / "hf"),
+                                   **{k: v for k, v in options.items() if k not in DATA_CONFIG_FIELDS})
 
 
 GOOD_FILES = [f"good{i:02d}.png" for i in range(8)]
@@ -297,9 +300,9 @@ def test_a_stale_scan_file_is_never_used(tmp_path, tokenizer, monkeypatch):
     other("red " * 90, max_length=77, truncation=True, padding="max_length")
     assert scan_cache.tokenizer_identity(other) == scan_cache.tokenizer_identity(tokenizer)  # calls change nothing
     other.model_max_length = 16
-    assert not data.build_train_loader(other, train_data_dir=str(folder), cache_dir=str(tmp_path / "hf"),
-                                       host_batch_size=2, resolution=8, process_index=0, process_count=1,
-                                       scan_cache_path=str(cache)).scan_from_cache
+    assert not data.build_train_loader(DataConfig(train_data_dir=str(folder), resolution=8), other,
+                                       cache_dir=str(tmp_path / "hf"), host_batch_size=2, seed=0, process_index=0,
+                                       process_count=1, scan_cache_path=str(cache)).scan_from_cache
     assert len(decoded.take()) == 9
     # a damaged file: a warning, a scan, and a valid file again
     cache.write_text('{"format": 1, "key": ')
@@ -387,6 +390,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from t2i_flax import data
+from t2i_flax.config import DataConfig
 from t2i_flax.data import scan
 from t2i_flax.tokenizer import load_tokenizer, write_tiny_clip_tokenizer
 
@@ -399,8 +403,8 @@ scan.check_image = lambda value: (decoded.append(os.path.basename(value["path"])
 clip_tokenizer = load_tokenizer(tokenizer_dir)
 report, arrays = [], {}
 for build, path in enumerate([scan_file, scan_file, scan_file if rank == 0 else scan_file + ".elsewhere"]):
-    loader = data.build_train_loader(clip_tokenizer, train_data_dir=folder, cache_dir=hf_cache, host_batch_size=2,
-                                     resolution=8, random_flip=True, seed=4, scan_cache_path=path)
+    loader = data.build_train_loader(DataConfig(train_data_dir=folder, resolution=8, random_flip=True), clip_tokenizer,
+                                     cache_dir=hf_cache, host_batch_size=2, seed=4, scan_cache_path=path)
     multihost_utils.sync_global_devices(f"build {build}")
     report.append({"decoded": sorted(decoded), "from_file": loader.scan_from_cache,
                    "usable": loader._example_fn.records.tolist(), "stats": loader.stats.__dict__})
@@ -428,9 +432,9 @@ def test_two_jax_processes_scan_half_each_and_agree(tmp_path):
     write_tiny_clip_tokenizer(tokenizer_dir)
     clip_tokenizer = load_tokenizer(tokenizer_dir)
     hf_cache, scan_file = tmp_path / "hf", tmp_path / "run" / "data_scan.json"
-    single = [data.build_train_loader(clip_tokenizer, train_data_dir=str(folder), cache_dir=str(hf_cache),
-                                      host_batch_size=2, resolution=8, random_flip=True, seed=4, process_index=p,
-                                      process_count=2) for p in range(2)]
+    single = [data.build_train_loader(DataConfig(train_data_dir=str(folder), resolution=8, random_flip=True),
+                                      clip_tokenizer, cache_dir=str(hf_cache), host_batch_size=2, seed=4,
+                                      process_index=p, process_count=2) for p in range(2)]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{free_port()}")
     argv = [sys.executable, "-c", TWO_PROCESS_WORKER, str(folder), str(hf_cache), str(scan_file), str(tokenizer_dir),

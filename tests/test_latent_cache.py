@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from t2i_flax import cli, data, optim, sharding, step, tokenizer
+from t2i_flax.config import DataConfig
 from t2i_flax.data import latent_cache
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
 from t2i_flax.diffusion.noise import load_noise_schedule
@@ -28,9 +29,10 @@ def test_the_step_from_cached_moments_is_the_online_step(torch_pipeline_dir, dat
     config = step.StepConfig(unet=unet, vae=vae, text_encoder=text_encoder,
                              noise_schedule=load_noise_schedule(torch_pipeline_dir), optimizer=optim.make_optimizer(lr),
                              learning_rate=lr, noise_offset=0.05)
-    loader = data.build_train_loader(tokenizer.load_tokenizer(os.path.join(torch_pipeline_dir, "tokenizer")),
-                                     host_batch_size=4, resolution=RESOLUTION, train_data_dir=dataset_dir,
-                                     center_crop=True, random_flip=True, seed=0, process_index=0, process_count=1)
+    loader = data.build_train_loader(
+        DataConfig(train_data_dir=dataset_dir, resolution=RESOLUTION, center_crop=True, random_flip=True),
+        tokenizer.load_tokenizer(os.path.join(torch_pipeline_dir, "tokenizer")), host_batch_size=4, seed=0,
+        process_index=0, process_count=1)
     batches = loader.iterator()
     online = next(batches)
     batches.close()

@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel
 
 from t2i_flax import data, optim, sharding, step, tokenizer, weights
+from t2i_flax.config import DataConfig
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
 from t2i_flax.diffusion.noise import load_noise_schedule
 
@@ -51,8 +52,8 @@ ILL_CONDITIONED_GRADIENT = 1e2 * 1e-8
 @pytest.fixture(scope="module")
 def batch(torch_pipeline_dir, dataset_dir):
     clip_tokenizer = tokenizer.load_tokenizer(os.path.join(torch_pipeline_dir, "tokenizer"))
-    loader = data.build_train_loader(clip_tokenizer, host_batch_size=2, resolution=RESOLUTION,
-                                     train_data_dir=dataset_dir, random_flip=True, seed=1)
+    loader = data.build_train_loader(DataConfig(train_data_dir=dataset_dir, resolution=RESOLUTION, random_flip=True),
+                                     clip_tokenizer, host_batch_size=2, seed=1)
     batches = loader.iterator()
     fixed = [next(batches) for _ in range(STEPS)]
     batches.close()

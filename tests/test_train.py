@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from t2i_flax import cli, data, optim, sharding, step, tokenizer, weights
+from t2i_flax.config import DataConfig
 from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
 from t2i_flax.diffusion.noise import load_noise_schedule
 
@@ -238,8 +239,8 @@ def components(torch_pipeline_dir, dataset_dir):
     vae, vae_params = FlaxAutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
     text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
     clip_tokenizer = tokenizer.load_tokenizer(os.path.join(pipeline_dir, "tokenizer"))
-    loader = data.build_train_loader(clip_tokenizer, host_batch_size=8, resolution=RESOLUTION,
-                                     train_data_dir=dataset_dir, center_crop=True, seed=0)
+    loader = data.build_train_loader(DataConfig(train_data_dir=dataset_dir, resolution=RESOLUTION, center_crop=True),
+                                     clip_tokenizer, host_batch_size=8, seed=0)
     batches = loader.iterator()
     fixed = [next(batches) for _ in range(2)]
     batches.close()

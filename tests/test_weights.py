@@ -2,6 +2,7 @@
 variant files, clear errors, and the Hub loader against an offline cache."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -146,6 +147,24 @@ def test_truncated_or_foreign_weight_files_are_model_errors(tmp_path):
     (tmp_path / "flax_model.msgpack").write_bytes(b"\xc1 not msgpack")
     with pytest.raises(ModelError, match="is not a readable msgpack file"):
         weights.load_params(str(tmp_path), "model.safetensors", "flax_model.msgpack", abstract_of(tree))
+
+
+@pytest.mark.parametrize("header_length", [2**40, 2**64 - 1, "cut"])
+def test_a_header_length_beyond_the_end_of_the_file_is_a_model_error(tmp_path, header_length):
+    """The first 8 bytes of a safetensors file are its header's length: one beyond the file's end (a download cut
+    inside the header, another kind of file) is a one-line ModelError, found before any memory is allocated."""
+    path = tmp_path / "model.safetensors"
+    if header_length == "cut":
+        save_file(weights.params_to_state_dict(random_tree()), str(path))
+        data = path.read_bytes()
+        header_length = int.from_bytes(data[:8], "little")
+        path.write_bytes(data[: 8 + header_length - 1])
+    else:
+        path.write_bytes(header_length.to_bytes(8, "little") + b'{"a": 1}')
+    size = path.stat().st_size
+    with pytest.raises(ModelError, match=rf"^{re.escape(str(path))} is truncated or not a safetensors file: its header "
+                                         rf"length {header_length} is more than the file's {size} bytes$"):
+        weights.read_safetensors(str(path))
 
 
 def test_pickle_only_and_empty_folders_are_refused(tmp_path):

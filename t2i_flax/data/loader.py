@@ -21,6 +21,7 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
+from t2i_flax.config import DataConfig
 from t2i_flax.data.examples import ExampleAt
 from t2i_flax.data.order import HostSlots, selected_records
 from t2i_flax.data.scan import DataStats, host_group
@@ -76,10 +77,6 @@ class TrainIterator(grain.DatasetIterator):
         """Index (over all epochs) of the batch the next call returns."""
         return self._next_batch
 
-    @property
-    def epoch(self) -> int:
-        return self._next_batch // self._loader.steps_per_epoch
-
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
         self._ensure_started()
@@ -111,11 +108,6 @@ class TrainIterator(grain.DatasetIterator):
                 )
         self._start(int(state["next_batch"]))
 
-    def start_prefetch(self) -> None:
-        self._assert_not_closed()
-        self._ensure_started()
-        self._inner.start_prefetch()
-
     def close(self) -> None:
         if self._inner is not None:
             self._inner.close()
@@ -126,14 +118,28 @@ class TrainIterator(grain.DatasetIterator):
         return f"TrainIterator(next_batch={self._next_batch})"
 
 
-def _die_with_the_parent(worker_index: int, worker_count: int) -> None:
-    """In each decode worker: exit when the training process is gone, also after a SIGKILL (a preempted VM,
-    an OOM kill), which leaves it no chance to stop its workers; else they would linger, holding memory and
-    the parent's output pipes. (Not prctl(PR_SET_PDEATHSIG): that follows the thread that started the
-    worker, and grain starts them from threads that end.)"""
+def _start_worker(worker_index: int, worker_count: int) -> None:
+    """In each decode worker, before it reads anything.
+
+    SIGINT and SIGTERM are ignored: this process's owner stops it. A Ctrl-C at a terminal, `timeout`, a
+    scheduler's stop signal the whole process group, workers included, while the trainer finishes its step and
+    then closes its iterator, which stops the workers. Killed by the signal instead, a worker leaks the shared
+    memory of the batch it holds (grain unlinks only what reached its queue), and one killed while writing a
+    batch into the queue's pipe leaves half a message there, which close() then waits for forever (grain 0.2.18:
+    ProcessPrefetchDatasetIterator._stop_prefetch reads the queue empty with get_nowait, and a message whose
+    writer died never ends, as the training process holds the pipe's write end too). CPython's resource tracker,
+    also a helper process, ignores the two signals too.
+
+    The worker exits when the training process is gone, also after a SIGKILL (a preempted VM, an OOM kill),
+    which leaves it no chance to stop its workers; else they would linger, holding memory and the parent's
+    output pipes. (Not prctl(PR_SET_PDEATHSIG): that follows the thread that started the worker, and grain
+    starts them from threads that end.)"""
+    import signal
     import threading
     import time
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:
@@ -227,7 +233,7 @@ class TrainLoader:
             return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self.num_workers,
                                              per_worker_buffer_size=self.prefetch_batches),
-                worker_init_fn=_die_with_the_parent,
+                worker_init_fn=_start_worker,
             )
         # In process: threads decode the next batches (PIL releases the GIL while decoding/resizing).
         return dataset.to_iter_dataset(
@@ -248,24 +254,15 @@ class TrainLoader:
 
 
 def build_train_loader(
+    data_config: DataConfig,
     tokenizer,
     *,
     host_batch_size: int,
-    resolution: int = 512,
-    dataset: Any = None,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_data_dir: str | None = None,
+    seed: int,
     cache_dir: str | None = None,
-    image_column: str = "image",
-    caption_column: str = "text",
-    center_crop: bool = False,
-    random_flip: bool = False,
-    max_train_samples: int | None = None,
-    seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
-    num_workers: int = 0,
+    dataset: Any = None,
     num_epochs: int | None = None,
     prefetch_batches: int = 2,
     validate_images: bool = True,
@@ -274,9 +271,12 @@ def build_train_loader(
 ) -> TrainLoader:
     """Builds the training loader of this host (order and sharding: data/order.py; resume: above).
 
-    dataset: an already loaded `datasets.Dataset` (else dataset_name / train_data_dir are loaded).
-    host_batch_size: per-device batch x local device count. process_index / process_count default to
-    jax.process_index() / jax.process_count(). num_workers: decode processes (0 = in this process).
+    data_config: the source (dataset_name, dataset_config_name, train_data_dir), its columns,
+    max_train_samples, resolution, center_crop, random_flip and dataloader_num_workers (decode processes,
+    0 = in this process). dataset: an already loaded `datasets.Dataset`; the config's names then only say
+    where it came from (they are part of its identity, which keys the scan file and a latent cache).
+    cache_dir: the `datasets` cache. host_batch_size: per-device batch x local device count.
+    process_index / process_count default to jax.process_index() / jax.process_count().
     num_epochs: None = iterate forever. validate_images: scan the images and drop undecodable ones.
     scan_cache_path: a JSON file for the scan's result (data/scan_cache.py): read when it matches this
     dataset and these options, else written by process 0 after the scan; with write_scan_file=False
@@ -291,8 +291,11 @@ def build_train_loader(
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    if host_batch_size < 1 or resolution < 1 or num_workers < 0 or prefetch_batches < 1:
-        raise ValueError("host_batch_size, resolution and prefetch_batches must be >= 1, num_workers >= 0")
+    if host_batch_size < 1 or prefetch_batches < 1:
+        raise ValueError("host_batch_size and prefetch_batches must be >= 1")
+    dataset_name, dataset_config_name = data_config.dataset_name, data_config.dataset_config_name
+    train_data_dir, max_train_samples = data_config.train_data_dir, data_config.max_train_samples
+    image_column, caption_column = data_config.image_column, data_config.caption_column
     if dataset is None:
         dataset = load_train_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
     dataset = prepare_columns(train_split(dataset), image_column, caption_column)
@@ -329,9 +332,10 @@ def build_train_loader(
         raise DataError(f"the dataset has {stats.num_examples} usable images, fewer than one global batch "
                         f"({slots.global_batch_size}); lower --train_batch_size")
     example_fn = ExampleAt(dataset, scan.usable, image_column=image_column, caption_column=caption_column,
-                           tokenizer=tokenizer, resolution=resolution, center_crop=center_crop,
-                           random_flip=random_flip, seed=seed, slots=slots)
-    loader = TrainLoader(example_fn, stats, num_epochs=num_epochs, num_workers=num_workers,
+                           tokenizer=tokenizer, resolution=data_config.resolution,
+                           center_crop=data_config.center_crop, random_flip=data_config.random_flip, seed=seed,
+                           slots=slots)
+    loader = TrainLoader(example_fn, stats, num_epochs=num_epochs, num_workers=data_config.dataloader_num_workers,
                          prefetch_batches=prefetch_batches, scan_from_cache=scan_from_cache,
                          unwritten_scan_file=unwritten_scan_file)
     loader.dataset_identity = identity  # what a latent cache of this data is keyed by (None: not cacheable)
