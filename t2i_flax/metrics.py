@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from tqdm.auto import tqdm
+
+
+def log(message: str) -> None:
+    """A line of the run's output (process 0 only), above the progress bar when there is one."""
+    import jax
+
+    if jax.process_index() == 0:
+        tqdm.write(message)
+        sys.stdout.flush()
 
 
 class MetricsWriter:

@@ -17,18 +17,12 @@ from etils import epath
 from t2i_flax.checkpoint import Checkpoints, DamagedCheckpoint
 from t2i_flax.config import RunConfig, may_change_on_resume
 from t2i_flax.errors import CheckpointError
+from t2i_flax.metrics import log
 
 logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 1  # of the run record saved with every checkpoint
 _STEP_NAME = re.compile(r"^(?:checkpoint-)?(\d+)$")
-
-
-def log(message: str) -> None:
-    if jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        tqdm.write(message)
 
 
 def parse_resume(value: str, checkpoints_dir: str) -> tuple[str, int | None]:

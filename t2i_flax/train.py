@@ -4,12 +4,10 @@ chosen once; nothing below branches on them."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Callable
 
@@ -17,23 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
-from t2i_flax import data, export, hub, model_card, resume, setup, sharding, step
+from t2i_flax import cached_latents, data, export, hub, model_card, resume, setup, sharding, step
 from t2i_flax.checkpoint import Checkpoints
 from t2i_flax.config import RunConfig
-from t2i_flax.errors import DataError, FlagError, OutputError, Stopped, TrainingFailed
+from t2i_flax.errors import FlagError, OutputError, Stopped, TrainingFailed
 from t2i_flax.interrupt import StopRequest
-from t2i_flax.metrics import MetricsWriter
+from t2i_flax.metrics import MetricsWriter, log
 from t2i_flax.validation import Validation
 
 _HUB_SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
-
-
-def log(message: str) -> None:
-    if jax.process_index() == 0:
-        tqdm.write(message)  # above the progress bar, when there is one
-        sys.stdout.flush()
 
 
 def run(config: RunConfig) -> None:
@@ -55,15 +46,9 @@ def run(config: RunConfig) -> None:
     base = setup.read_base_model(model_dir)
 
     # ---- input ------------------------------------------------------------------------------
-    data_config = config.data
     loader = data.build_train_loader(
-        base.tokenizer, host_batch_size=config.train.train_batch_size * jax.local_device_count(),
-        resolution=data_config.resolution, dataset_name=data_config.dataset_name,
-        dataset_config_name=data_config.dataset_config_name, train_data_dir=data_config.train_data_dir,
-        cache_dir=config.model.cache_dir, image_column=data_config.image_column,
-        caption_column=data_config.caption_column, center_crop=data_config.center_crop,
-        random_flip=data_config.random_flip, max_train_samples=data_config.max_train_samples, seed=config.train.seed,
-        num_workers=data_config.dataloader_num_workers,
+        config.data, base.tokenizer, host_batch_size=config.train.train_batch_size * jax.local_device_count(),
+        seed=config.train.seed, cache_dir=config.model.cache_dir,
         # Which records decode, kept with the run: a resumed or repeated run does not scan again.
         scan_cache_path=os.path.join(output_config.output_dir, "data_scan.json"), write_scan_file=False)
     plan = setup.Plan.make(config, jax.device_count(), jax.local_device_count(), loader.num_examples,
@@ -82,7 +67,7 @@ def run(config: RunConfig) -> None:
     _, params = base.family.load(model_dir, config.model, built.dtype,
                                  unet=built.trained.needs_unet_weights(resuming=source is not None))
     if config.data.cache_latents:  # the VAE encoder runs once per image here, never in the step
-        loader = with_latent_cache(config, loader, built, params["vae"])
+        loader = cached_latents.loader_over_cache(config, loader, built, params["vae"])
 
     # ---- state: restored, or initialised from the base model ---------------------------------
     if source is not None:
@@ -293,39 +278,3 @@ def write_json(path: str, content: dict) -> None:
             json.dump(content, handle, indent=2, sort_keys=True)
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def with_latent_cache(config: RunConfig, loader, built: setup.TrainSetup, vae_params):
-    """Builds (or finds, or completes) the latent cache, then the loader that reads it."""
-    from t2i_flax.data import latent_cache
-
-    data_config, mesh, vae, dtype = config.data, built.mesh, built.vae, built.dtype
-    if loader.dataset_identity is None:
-        raise DataError("--cache_latents: this dataset has no datasets fingerprint, so a cache of it could not be "
-                        "told from a stale one; drop --cache_latents")
-    encoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype),
-                                     {name: vae_params[name] for name in step.VAE_ENCODER_PARAMS})
-    factor = 2 ** (len(vae.block_out_channels) - 1)
-    latent_hw = data_config.resolution // factor
-    key_fields = {"vae_encoder": latent_cache.params_digest(encoder), "dtype": jnp.dtype(dtype).name,
-                  "vae_config": vae.to_config(), "dataset": loader.dataset_identity,
-                  "image_column": data_config.image_column, "resolution": data_config.resolution, "center_crop": True}
-    local = jax.local_device_count()
-    online = loader.example_fn
-    cache = latent_cache.LatentCache(
-        data_config.latent_cache_dir or os.path.join(config.output.output_dir, "latent_cache"), key_fields,
-        online.records, data_config.random_flip, (vae.latent_channels, latent_hw, latent_hw), jax.process_index(),
-        jax.process_count(), per_host=-(-64 // local) * local)
-    placed = jax.device_put(encoder, sharding.tree_shardings(mesh, encoder))
-    where = sharding.batch_sharding(mesh)
-    encode = jax.jit(lambda params, pixels: step.posterior_moments(vae, params, pixels), out_shardings=(where, where))
-    encode_pixels = functools.partial(encode, placed)
-    start = time.perf_counter()
-    encoded = cache.build(online.dataset, data_config.image_column, data_config.resolution, encode_pixels, mesh,
-                          show_progress=jax.process_index() == 0)
-    seconds = time.perf_counter() - start
-    what = f"encoded {encoded} of {cache.num_chunks} chunks in {seconds:.1f}s" if encoded else "complete"
-    log(f"latent cache: {cache.root} ({len(online.records)} images{' x 2 flips' if data_config.random_flip else ''}, "
-        f"{what})")
-    del placed, encode_pixels  # the VAE encoder leaves the devices
-    return loader.with_examples(latent_cache.CachedExampleAt(online, cache))

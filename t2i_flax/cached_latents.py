@@ -1,0 +1,53 @@
+"""--cache_latents for a run: the VAE encoder runs once per image on the run's mesh (sharded like training) and
+the loader then reads the stored posterior moments (the cache itself: t2i_flax/data/latent_cache.py)."""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2i_flax import sharding, step
+from t2i_flax.config import RunConfig
+from t2i_flax.errors import DataError
+from t2i_flax.metrics import log
+
+
+def loader_over_cache(config: RunConfig, loader, built, vae_params):
+    """Builds (or finds, or completes) the latent cache of the run's data on its mesh (`built`: its
+    setup.TrainSetup), then the loader that reads it."""
+    from t2i_flax.data import latent_cache
+
+    data_config, mesh, vae, dtype = config.data, built.mesh, built.vae, built.dtype
+    if loader.dataset_identity is None:
+        raise DataError("--cache_latents: this dataset has no datasets fingerprint, so a cache of it could not be "
+                        "told from a stale one; drop --cache_latents")
+    encoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype),
+                                     {name: vae_params[name] for name in step.VAE_ENCODER_PARAMS})
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    latent_hw = data_config.resolution // factor
+    key_fields = {"vae_encoder": latent_cache.params_digest(encoder), "dtype": jnp.dtype(dtype).name,
+                  "vae_config": vae.to_config(), "dataset": loader.dataset_identity,
+                  "image_column": data_config.image_column, "resolution": data_config.resolution, "center_crop": True}
+    local = jax.local_device_count()
+    online = loader.example_fn
+    cache = latent_cache.LatentCache(
+        data_config.latent_cache_dir or os.path.join(config.output.output_dir, "latent_cache"), key_fields,
+        online.records, data_config.random_flip, (vae.latent_channels, latent_hw, latent_hw), jax.process_index(),
+        jax.process_count(), per_host=-(-64 // local) * local)
+    placed = jax.device_put(encoder, sharding.tree_shardings(mesh, encoder))
+    where = sharding.batch_sharding(mesh)
+    encode = jax.jit(lambda params, pixels: step.posterior_moments(vae, params, pixels), out_shardings=(where, where))
+    encode_pixels = functools.partial(encode, placed)
+    start = time.perf_counter()
+    encoded = cache.build(online.dataset, data_config.image_column, data_config.resolution, encode_pixels, mesh,
+                          show_progress=jax.process_index() == 0)
+    seconds = time.perf_counter() - start
+    what = f"encoded {encoded} of {cache.num_chunks} chunks in {seconds:.1f}s" if encoded else "complete"
+    log(f"latent cache: {cache.root} ({len(online.records)} images{' x 2 flips' if data_config.random_flip else ''}, "
+        f"{what})")
+    del placed, encode_pixels  # the VAE encoder leaves the devices
+    return loader.with_examples(latent_cache.CachedExampleAt(online, cache))
