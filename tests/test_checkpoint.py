@@ -21,6 +21,8 @@ from t2i_flax import checkpoint, cli, export, optim, resume, sharding, step, wei
 from t2i_flax.errors import CheckpointError
 from t2i_flax.models import FlaxUNet2DConditionModel
 
+checkpoint.setup_process()  # as the command lines do
+
 from conftest import RESOLUTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
