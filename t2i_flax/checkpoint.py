@@ -153,7 +153,7 @@ class Checkpoints:
                                             f"{_first_line(cause)}") from None
                 reason = _first_line(cause)
                 if not isinstance(cause, (OSError, ValueError, MemoryError)):  # a storage client's own error class
-                    reason = f"{type(cause).__name__} {getattr(cause, 'code', '')}: {reason}".replace(" :", ":")
+                    reason = f"{type(cause).__name__}: {reason}"
             if attempt == READ_ATTEMPTS:
                 raise CheckpointReadFailed(f"reading checkpoint {self.step_path(step)} failed {READ_ATTEMPTS} times "
                                            f"({reason}); nothing was renamed or deleted: run again when the storage "
