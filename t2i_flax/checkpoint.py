@@ -13,7 +13,10 @@ Orbax writes in a background thread and renames the step folder into place when 
 interrupted save leaves no step folder (its temporary folder is removed when a manager next opens the
 directory). In a bucket (gs://) Orbax writes the step folder in place instead and marks it complete with a
 `commit_success.txt`; a step folder without one is ignored, and removed likewise. Old steps are deleted only
-after a newer one is complete (`checkpoints_total_limit`)."""
+after a newer one is complete (`checkpoints_total_limit`).
+
+A read that fails is damage (DamagedCheckpoint: resume falls back to an older step) only where the files prove it
+(`classify_read_error`); any other failure is tried again and then stops the run (CheckpointReadFailed)."""
 from __future__ import annotations
 
 import json
@@ -38,6 +41,7 @@ ARRAY_ITEMS = (ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER)
 # before attempt i + 2 (tests lower them); then the run stops (CheckpointReadFailed), nothing set aside.
 READ_ATTEMPTS = 4
 READ_RETRY_DELAYS_S = (2.0, 4.0, 8.0)
+
 
 class DamagedCheckpoint(CheckpointError):
     """A complete step folder whose files cannot be read (truncated, missing, garbage)."""

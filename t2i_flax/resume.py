@@ -179,7 +179,7 @@ def _candidates(steps: list[int], step: int | None):
 
 
 _OK, _DAMAGED, _FAILED = 0, 1, 2  # worst last: one process's failure is everyone's
-_MESSAGE_BYTES = 400
+_MESSAGE_BYTES = 1024  # of the error line each process contributes
 
 
 def agree(read):
