@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     del leaves
     jax.block_until_ready(state)
     shutil.rmtree(args.dir, ignore_errors=True)
+    checkpoint.setup_process()  # as the command lines do (the array handler the measured saves use)
     manager = checkpoint.Checkpoints(args.dir, keep=2)
     record = {"version": 1}
     start = time.perf_counter()

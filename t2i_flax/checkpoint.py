@@ -13,13 +13,18 @@ Orbax writes in a background thread and renames the step folder into place when 
 interrupted save leaves no step folder (its temporary folder is removed when a manager next opens the
 directory). In a bucket (gs://) Orbax writes the step folder in place instead and marks it complete with a
 `commit_success.txt`; a step folder without one is ignored, and removed likewise. Old steps are deleted only
-after a newer one is complete (`checkpoints_total_limit`)."""
+after a newer one is complete (`checkpoints_total_limit`).
+
+A read that fails is damage (DamagedCheckpoint: resume falls back to an older step) only where the files prove it
+(`classify_read_error`); any other failure is tried again and then stops the run (CheckpointReadFailed)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
+import time
 import warnings
 
 import jax
@@ -31,14 +36,20 @@ from t2i_flax.errors import CheckpointError, TrainingFailed
 ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER, ITEM_DATA, ITEM_RUN = "params", "ema_params", "optimizer", "data", "run"
 ARRAY_ITEMS = (ITEM_PARAMS, ITEM_EMA, ITEM_OPTIMIZER)
 
-# What Orbax/tensorstore raise for a step folder whose files are damaged (truncated, missing, garbage):
-# tensorstore's ValueError ("OUT_OF_RANGE: Error reading ...") reaches us wrapped in a plain Exception
-# ("Encountered error while reading array index"), so the restore calls (and only they) catch Exception.
-READ_ERRORS = (Exception,)
+# Reading a step folder that fails for a reason that does not prove its files bad (a bucket's 503, a dropped
+# connection, a host out of memory) is tried again this many times in all, waiting READ_RETRY_DELAYS_S[i] seconds
+# before attempt i + 2 (tests lower them); then the run stops (CheckpointReadFailed), nothing set aside.
+READ_ATTEMPTS = 4
+READ_RETRY_DELAYS_S = (2.0, 4.0, 8.0)
 
 
 class DamagedCheckpoint(CheckpointError):
     """A complete step folder whose files cannot be read (truncated, missing, garbage)."""
+
+
+class CheckpointReadFailed(TrainingFailed):
+    """Reading a checkpoint failed READ_ATTEMPTS times for a reason that does not show its files are damaged
+    (storage unavailable, out of memory): one line, exit code 1; nothing renamed or deleted."""
 
 
 class CheckpointWriteFailed(TrainingFailed):
@@ -57,18 +68,17 @@ class Checkpoints:
     """One checkpoint directory: its steps, asynchronous saves and restores."""
 
     def __init__(self, directory: str, keep: int | None = None, read_only: bool = False):
-        # A failed write fails many of Orbax's background tasks at once; asyncio and absl (Orbax's logger)
-        # would print a traceback for each (hundreds). The failure reaches the user as one line (`wait`).
-        for name in ("asyncio", "absl"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        _quiet_closed_loop_callbacks()
-        _register_array_handler()
-        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
         self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
             enable_async_checkpointing=True, cleanup_tmp_directories=not read_only, create=not read_only,
-            read_only=read_only)
+            read_only=read_only,
+            # A reader restores on its own, without Orbax's barrier after each restore (a device collective on every
+            # process): a host whose read fails would leave the others waiting there. resume.py makes the hosts
+            # agree on what they read instead.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=jax.process_index(), active_processes={jax.process_index()}) if read_only
+            else ocp.options.MultiprocessingOptions())
         try:
             self.manager = ocp.CheckpointManager(epath.Path(self.directory), item_names=ARRAY_ITEMS + (ITEM_DATA, ITEM_RUN),
                                                  options=options)
@@ -103,22 +113,18 @@ class Checkpoints:
                                         f"the previous checkpoints are kept") from None
 
     def read_run_record(self, step: int) -> dict:
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{ITEM_RUN: ocp.args.JsonRestore(),
-                                                                              ITEM_DATA: ocp.args.JsonRestore()}))
-        except READ_ERRORS as error:
-            raise DamagedCheckpoint(f"checkpoint {self.step_path(step)} cannot be read ({_first_line(error)})") from None
+        """The run record and the data position of `step`. DamagedCheckpoint where its files are bad;
+        CheckpointReadFailed where reading failed READ_ATTEMPTS times for another reason."""
+        restored = self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**{
+            ITEM_RUN: ocp.args.JsonRestore(), ITEM_DATA: ocp.args.JsonRestore()})))
         return {"run": dict(restored[ITEM_RUN]), "data": dict(restored[ITEM_DATA])}
 
     def restore(self, step: int, abstract_items: dict) -> dict:
         """The array items named in `abstract_items` ({item: tree of ShapeDtypeStructs with shardings}),
         placed as those say: any layout, also another device count. Every array must come back and match
-        its shape and dtype."""
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}))
-        except READ_ERRORS as error:
-            raise DamagedCheckpoint(f"checkpoint {self.step_path(step)} cannot be restored: {_first_line(error)}") from None
+        its shape and dtype. Errors as `read_run_record`."""
+        restored = self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**{
+            name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()})))
         restored = {name: restored[name] for name in abstract_items}
         problems = [f"{name}{jax.tree_util.keystr(path)}"
                     for name, tree in restored.items()
@@ -137,31 +143,58 @@ class Checkpoints:
         self.wait()
         self.manager.close()
 
+    def _read(self, step: int, read):
+        """read() (an Orbax restore of `step`), tried again after failures that do not show damage."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return read()
+            except Exception as error:  # Orbax's restore only; what is neither damage nor storage is re-raised
+                kind, cause = classify_read_error(error)
+                if kind is None:
+                    raise
+                if kind == DAMAGE:
+                    raise DamagedCheckpoint(f"checkpoint {self.step_path(step)} cannot be restored: "
+                                            f"{_first_line(cause)}") from None
+                reason = _first_line(cause)
+                if not isinstance(cause, (OSError, ValueError, MemoryError)):  # a storage client's own error class
+                    reason = f"{type(cause).__name__}: {reason}"
+            if attempt == READ_ATTEMPTS:
+                raise CheckpointReadFailed(f"reading checkpoint {self.step_path(step)} failed {READ_ATTEMPTS} times "
+                                           f"({reason}); nothing was renamed or deleted: run again when the storage "
+                                           f"answers")
+            delay = READ_RETRY_DELAYS_S[min(attempt, len(READ_RETRY_DELAYS_S)) - 1]
+            host = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+            print(f"{host}reading checkpoint {self.step_path(step)} failed ({reason}); attempt {attempt + 1} of "
+                  f"{READ_ATTEMPTS} in {delay:g} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+
 
 # Orbax splits every replicated array into one slice per replica (one eager slice op each) to spread the
 # device-to-host copy; for the hundreds of small arrays of a UNet that costs more than it saves (a tiny model
 # on 8 CPU devices: 9.6 s of blocking per save, 0.36 s without). Only arrays of at least this many bytes
 # per replica are split.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 32 << 20
-_array_handler_registered = False
+_process_set_up = False
 
 
-def _register_array_handler() -> None:
-    global _array_handler_registered
-    if not _array_handler_registered:
-        handler = ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-        _array_handler_registered = True
+def setup_process() -> None:
+    """Process-wide settings for checkpoints; a command calls it once where it starts (idempotent):
 
-
-def _quiet_closed_loop_callbacks() -> None:
-    """After a failed write, tensorstore still calls back into the asyncio loops Orbax has already closed;
-    each call is an 'unraisable' RuntimeError('Event loop is closed') that Python prints as a traceback.
-    Those (and only those) are dropped."""
-    previous = sys.unraisablehook
-    if getattr(previous, "t2i_flax_quiet", False):
+    - Orbax's array handler with MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL (faster saves of many small arrays);
+    - one line for a failed write: a failed write fails many of Orbax's background tasks at once, and asyncio and
+      absl (Orbax's logger) would print a traceback for each (hundreds); gcsfs logs a traceback when it gives up
+      on a request. The failure reaches the user as one line (`Checkpoints.wait`, `CheckpointReadFailed`);
+    - after a failed write, tensorstore still calls back into the asyncio loops Orbax has already closed; each
+      call is an 'unraisable' RuntimeError('Event loop is closed') that Python prints as a traceback. Those (and
+      only those) are dropped, as are the warnings about the coroutines those loops never ran."""
+    global _process_set_up
+    if _process_set_up:
         return
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    for name in ("asyncio", "absl", "gcsfs"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
 
     def hook(unraisable):
         value = unraisable.exc_value
@@ -169,8 +202,49 @@ def _quiet_closed_loop_callbacks() -> None:
             return
         previous(unraisable)
 
-    hook.t2i_flax_quiet = True
     sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    _process_set_up = True
+
+
+# ---- what a failed read means -------------------------------------------------------------------------------
+DAMAGE, STORAGE = "damage", "storage"
+# tensorstore's status codes (its errors are ValueErrors "CODE: text") that prove a step folder's files bad: a file
+# shorter than its index says, missing, or corrupt (its checksum or its compressed stream broken).
+_TENSORSTORE_STATUS = re.compile(r"^([A-Z_]+): ")
+_DAMAGE_CODES = {"DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND"}
+_STORAGE_CLIENTS = {"gcsfs", "aiohttp", "google", "requests", "urllib3"}  # their errors are the storage's answer
+
+
+def classify_read_error(error: BaseException) -> tuple[str | None, BaseException]:
+    """(DAMAGE | STORAGE | None, the error in the chain that says so) for an exception of an Orbax restore.
+
+    DAMAGE: the files are bad (missing, truncated, corrupt, unreadable metadata, an item or shape that the step
+    folder does not hold). STORAGE: the read failed for a reason that may pass (a bucket's 503, a dropped
+    connection, out of memory; tensorstore's other status codes). None: neither (a bug: keep the traceback).
+    Orbax wraps every failed array read in a bare Exception ("Encountered error while reading array index"), so
+    the causes are looked at: the first that says damage or storage decides."""
+    link, seen = error, set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        text = str(link)
+        if isinstance(link, MemoryError):
+            return STORAGE, link  # never damage: another host, or a later try, may have the memory
+        if isinstance(link, (FileNotFoundError, json.JSONDecodeError)):
+            return DAMAGE, link
+        if isinstance(link, KeyError) and "was not found in the checkpoint" in text:  # an item the step lacks
+            return DAMAGE, link
+        if isinstance(link, ValueError) and text.startswith("Requested shape:"):  # not the shape stored
+            return DAMAGE, link
+        status = _TENSORSTORE_STATUS.match(text) if isinstance(link, ValueError) else None
+        if status:
+            code = status.group(1)
+            corrupt = code == "FAILED_PRECONDITION" and ("compress" in text or "decod" in text)
+            return (DAMAGE if code in _DAMAGE_CODES or corrupt else STORAGE), link
+        if isinstance(link, OSError) or type(link).__module__.split(".")[0] in _STORAGE_CLIENTS:
+            return STORAGE, link
+        link = link.__cause__ or link.__context__
+    return None, error
 
 
 _OS_ERROR = re.compile(r": ([^:\[]+) \[os_error_code='?(\d+)'?\]")
@@ -179,7 +253,8 @@ _OS_ERROR = re.compile(r": ([^:\[]+) \[os_error_code='?(\d+)'?\]")
 def _first_line(error: BaseException) -> str:
     """One readable line of an Orbax/tensorstore error: the operating system's reason when it names one
     ("File too large (errno 27)"), else the first line, without tensorstore's spec dump."""
-    text = str(error).strip().split(" See full TensorStore details")[0]
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)  # KeyError quotes
+    text = re.split(r" See full TensorStore details| \[tensorstore_spec=| \[source locations=", text.strip())[0]
     os_error = _OS_ERROR.search(text)
     if os_error:
         return f"{os_error.group(1).strip()} (errno {os_error.group(2)})"

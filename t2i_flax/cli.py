@@ -187,6 +187,7 @@ def main(argv=None) -> int:
         from t2i_flax import compile_cache, train
 
         compile_cache.enable(config.devices.compilation_cache_dir)
+        from t2i_flax.checkpoint import setup_process; setup_process()  # noqa: E702  (process-wide, once)
         train.run(config)
     except (errors.UserError, errors.TrainingFailed) as error:  # anything else is a bug: traceback, exit 1
         return errors.report(error)

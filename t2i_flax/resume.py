@@ -4,7 +4,10 @@ settings, same global batch), and the restore that falls back from a damaged new
     source, check_record, step = resume.open_source(config, checkpoints_dir)   # None: a new run
     record = resume.peek_record(source, step, check_record)                    # before the models load
     step, state, data_state, record, damaged = resume.restore(source, step, value, check_record, abstract_state)
-    resume.set_aside(source.directory, damaged)                                # <step>.damaged"""
+    resume.set_aside(source.directory, damaged)                                # <step>.damaged
+
+A failed read is damage (fall back to an older step) only where the files prove it; otherwise the run stops
+(checkpoint.CheckpointReadFailed) and nothing is set aside. Several processes read the same step and agree."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +15,11 @@ import os
 import re
 
 import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
-from t2i_flax.checkpoint import Checkpoints, DamagedCheckpoint
+from t2i_flax.checkpoint import CheckpointReadFailed, Checkpoints, DamagedCheckpoint
 from t2i_flax.config import RunConfig, may_change_on_resume
 from t2i_flax.errors import CheckpointError
 from t2i_flax.metrics import log
@@ -103,14 +108,15 @@ def _has_steps(directory: str) -> bool:
 
 def peek_record(source: Checkpoints, step_number: int | None, check_record) -> dict | None:
     """The record of the step to resume from (the newest readable one for "latest"), checked before the
-    data and models are loaded. None when there is none to read: `restore` then says why."""
+    data and models are loaded. None when there is none to read: `restore` then says why. A read that fails for
+    another reason than damage stops the run (CheckpointReadFailed), as in `restore`."""
     steps = source.steps()
-    for candidate in ([step_number] if step_number is not None else reversed(steps)):
-        if candidate not in steps:
-            return None
+    if step_number is not None and step_number not in steps:
+        return None
+    for candidate in _candidates(steps, step_number):
         try:
-            record = source.read_run_record(candidate)["run"]
-        except CheckpointError:
+            record = agree(lambda: source.read_run_record(candidate)["run"])
+        except DamagedCheckpoint:
             continue
         check_record(record)
         return record
@@ -122,6 +128,11 @@ def restore(checkpoints: Checkpoints, step: int | None, value: str, check_record
     damaged newer one is skipped with a warning (never silently a new run). Returns (step, state,
     data_state, record, damaged steps skipped).
 
+    Only damage (DamagedCheckpoint: files missing, truncated or corrupt) is a reason to fall back. Any other
+    failure, after Checkpoints' retries, stops the run (CheckpointReadFailed, exit code 1) with nothing set aside:
+    a bucket that does not answer for a while must not cost the newest checkpoint. With several processes every
+    one reads the same step, and they go on only where all of them could read it (`agree`).
+
     check_record(record) raises a CheckpointError when the checkpoint is of another run's settings: that
     is never a reason to fall back to an older one."""
     steps = checkpoints.steps()
@@ -129,13 +140,12 @@ def restore(checkpoints: Checkpoints, step: int | None, value: str, check_record
         shown = ", ".join(map(str, steps[-5:])) or "none"
         raise CheckpointError(f"--resume_from_checkpoint {value}: there is no checkpoint of step {step} in "
                               f"{checkpoints.directory} (steps there: {shown})")
-    candidates = [step] if step is not None else list(reversed(steps))
     damaged = []
-    for candidate in candidates:
+    for candidate in _candidates(steps, step):
         try:
-            record = checkpoints.read_run_record(candidate)
+            record = agree(lambda: checkpoints.read_run_record(candidate))
             check_record(record["run"])
-            state = checkpoints.restore_state(candidate, abstract_state)
+            state = agree(lambda: checkpoints.restore_state(candidate, abstract_state))
         except DamagedCheckpoint as damage:
             if step is not None:
                 raise
@@ -144,6 +154,54 @@ def restore(checkpoints: Checkpoints, step: int | None, value: str, check_record
             continue
         return candidate, state, record["data"], record["run"], damaged
     raise CheckpointError(f"no checkpoint in {checkpoints.directory} can be restored (steps {steps})")
+
+
+def _candidates(steps: list[int], step: int | None):
+    """The steps to try, newest first (only `step` where one is named): process 0's list, which every process
+    follows, so that all of them try the same step even where their listings of a bucket differ."""
+    below = None
+    while True:
+        if step is not None:
+            mine = step if below is None else -1
+        else:
+            mine = max((s for s in steps if below is None or s < below), default=-1)
+        agreed = int(multihost_utils.broadcast_one_to_all(np.int64(mine)))
+        if agreed < 0:
+            return
+        yield agreed
+        below = agreed
+
+
+_OK, _DAMAGED, _FAILED = 0, 1, 2  # worst last: one process's failure is everyone's
+_MESSAGE_BYTES = 1024  # of the error line each process contributes
+
+
+def agree(read):
+    """read() on every process, and the same outcome on all: its value where every process read it, else the
+    worst process's error raised on all of them (CheckpointReadFailed before DamagedCheckpoint), naming that
+    process. Orbax's restore has no barrier of its own here (Checkpoints(read_only=True)), so a process whose read
+    fails meets the others here, after its retries, and none goes on alone. One process: read()."""
+    if jax.process_count() == 1:
+        return read()
+    status, message, value = _OK, "", None
+    try:
+        value = read()
+    except DamagedCheckpoint as error:
+        status, message = _DAMAGED, str(error)
+    except CheckpointReadFailed as error:
+        status, message = _FAILED, str(error)
+    encoded = np.zeros(_MESSAGE_BYTES, np.uint8)
+    text = message.encode()[:_MESSAGE_BYTES]
+    encoded[:len(text)] = np.frombuffer(text, np.uint8)
+    statuses, messages = multihost_utils.process_allgather((np.int32(status), encoded))
+    worst = int(np.max(statuses))
+    if worst == _OK:
+        return value
+    who = int(np.argmax(statuses))  # the first process with the worst outcome
+    said = bytes(messages[who]).rstrip(b"\0").decode(errors="replace")
+    if who != jax.process_index():
+        said = f"{said} (on process {who})"
+    raise (CheckpointReadFailed if worst == _FAILED else DamagedCheckpoint)(said)
 
 
 def set_aside(directory: str, steps: list[int]) -> list[str]:
@@ -156,6 +214,8 @@ def set_aside(directory: str, steps: list[int]) -> list[str]:
         for step in steps:
             path = epath.Path(directory) / str(step)
             target = epath.Path(directory) / f"{step}.damaged"
+            if not path.exists():  # gone meanwhile (what made it unreadable)
+                continue
             if target.exists():
                 target.rmtree()
             path.rename(target)

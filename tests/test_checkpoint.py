@@ -21,6 +21,8 @@ from t2i_flax import checkpoint, cli, export, optim, resume, sharding, step, wei
 from t2i_flax.errors import CheckpointError
 from t2i_flax.models import FlaxUNet2DConditionModel
 
+checkpoint.setup_process()  # as the command lines do
+
 from conftest import RESOLUTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,19 +291,26 @@ def tiny_state_config(pipeline_dir):
 
 
 def randomised(state):
-    """Every leaf of the state made distinct (Adam moments are zeros at init, EMA equals params)."""
-    leaves, tree = jax.tree_util.tree_flatten(state)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [
-        leaf + jax.random.normal(k, leaf.shape, leaf.dtype).astype(leaf.dtype)
-        if np.issubdtype(leaf.dtype, np.floating) else leaf for leaf, k in zip(leaves, keys)])
+    """Every float leaf of the state made distinct (Adam moments are zeros at init, EMA equals params): random
+    numbers added on the host, placed as the leaf was (a jitted fill compiled for minutes on 2 cores)."""
+    rng = np.random.default_rng(0)
+
+    def fill(leaf):
+        if not np.issubdtype(leaf.dtype, np.floating):
+            return leaf
+        values = np.asarray(leaf) + rng.standard_normal(leaf.shape).astype(leaf.dtype)
+        return jax.device_put(values, leaf.sharding)
+
+    return jax.tree_util.tree_map(fill, state)
 
 
 @pytest.mark.parametrize("layout", ["fsdp4", "one_device"])
 def test_a_checkpoint_from_8_data_parallel_devices_restores_on_another_layout(tiny_state_config, tmp_path, layout):
     config, params = tiny_state_config
     state, _ = step.create_state(config, sharding.make_mesh(1), params, seed=3)
-    state = jax.jit(randomised)(state)
+    state = randomised(state)
+    assert len({np.asarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(state.opt_state)
+                if np.asarray(leaf).size > 1}) > 1  # the Adam moments are no longer all zeros
     saved = checkpoint.Checkpoints(str(tmp_path / "ckpt"))
     saved.save(5, state, {"next_batch": 5}, {"version": 1})
     saved.close()
@@ -341,22 +350,36 @@ def test_a_checkpoint_of_other_shapes_or_without_an_item_is_an_error(tiny_state_
         checkpoint.Checkpoints(str(tmp_path / "plain"), read_only=True).restore(1, {"ema_params": abstract["params"]})
 
 
-def test_the_keep_limit_deletes_an_old_step_only_after_a_newer_one_is_complete(tmp_path):
+def test_the_keep_limit_deletes_an_old_step_only_after_a_newer_one_is_complete(tmp_path, monkeypatch):
+    """keep=2, four saves: the deletion of a step starts only when the newer step's folder is on disk (it appears
+    only complete: written under a temporary name, then renamed), and it is the oldest step that goes."""
+    from orbax.checkpoint._src.path import deleter
+
+    directory = tmp_path / "ckpt"
+
+    def complete_steps():
+        return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+    deletions = []  # (the step being deleted, the step folders on disk at that moment)
+    original_delete = deleter.StandardCheckpointDeleter.delete
+
+    def delete(self, step_number):
+        deletions.append((step_number, complete_steps()))
+        original_delete(self, step_number)
+
+    monkeypatch.setattr(deleter.StandardCheckpointDeleter, "delete", delete)
     tree = {"w": jax.numpy.arange(4.0)}
-    manager = checkpoint.Checkpoints(str(tmp_path / "ckpt"), keep=1)
+    manager = checkpoint.Checkpoints(str(directory), keep=2)
     state = step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=tree, opt_state={}, ema_params=None,
                             rng=jax.random.PRNGKey(0))
-    manager.save(1, state, {"next_batch": 1}, {"version": 1})
-    manager.wait()
-    manager.save(2, state, {"next_batch": 2}, {"version": 1})
-    # While step 2 is written in the background, step 1 is there until step 2's folder is (which appears
-    # only complete): at no moment is there neither.
-    for _ in range(2000):
-        assert os.path.isdir(tmp_path / "ckpt" / "1") or os.path.isdir(tmp_path / "ckpt" / "2")
-        if not os.path.isdir(tmp_path / "ckpt" / "1"):
-            break
-    manager.wait()
-    assert manager.steps() == [2] and not os.path.exists(tmp_path / "ckpt" / "1")
+    after_each = []
+    for number in (1, 2, 3, 4):
+        manager.save(number, state, {"next_batch": number}, {"version": 1})
+        manager.wait()
+        after_each.append(complete_steps())
+    assert deletions == [(1, [1, 2, 3]), (2, [2, 3, 4])]
+    assert after_each == [[1], [1, 2], [2, 3], [3, 4]]
+    assert manager.steps() == [3, 4]
     manager.close()
 
 

@@ -40,6 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from t2i_flax import checkpoint, optim, resume, step
 
+checkpoint.setup_process()  # as the command lines do
+
 from test_checkpoint import ROOT, UNET_FILE, environment, logged_steps, run_argv
 
 BUCKET = "t2i-checkpoints"
@@ -401,3 +403,40 @@ def test_training_with_checkpoints_in_a_bucket_resumes_bit_identically(gcs, pipe
     assert sorted(os.listdir(os.path.join(reference_dir, "checkpoints"))) == ["2", "4", "6"]
     with open(tmp_path / "export4" / UNET_FILE, "rb") as handle:
         assert handle.read() == unet_at_4  # the checkpoint's export equals the end of the 4-step run
+
+
+# ---- JAX's persistent compilation cache in a bucket ---------------------------------------------------------------
+
+COMPILE_IN_A_FRESH_PROCESS = """
+import collections, sys
+import jax, jax.numpy as jnp
+from t2i_flax import compile_cache
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda name, **metadata: events.update([name]))
+compile_cache.enable(sys.argv[1])
+x = jnp.arange(64.0).reshape(8, 8) / 64
+print(repr(float(jax.jit(lambda x: (jnp.sin(x) @ x.T + 1).sum())(x))))
+print(events["/jax/compilation_cache/cache_hits"], events["/jax/compilation_cache/cache_misses"])
+"""
+
+
+def test_the_compilation_cache_in_a_bucket_is_written_and_read_by_the_next_process(gcs):
+    """--compilation_cache_dir gs://...: a compile in one process writes its entry to the bucket (through etils.epath
+    and gcsfs, as JAX does for a path that is not local), and a second process loads it (a cache hit, no compile)."""
+    directory = f"gs://{BUCKET}/jax_cache"
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", COMPILE_IN_A_FRESH_PROCESS, directory], cwd=ROOT,
+                                env={**environment(), "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        value, counts = result.stdout.split("\n")[:2]
+        runs.append((value, tuple(map(int, counts.split())), gcs.objects("jax_cache/")))
+    (first_value, first_counts, first_objects), (second_value, second_counts, second_objects) = runs
+    # (hits, misses = entries written): every program of the first (the jitted function, and arange, reshape and
+    # the division run eagerly) is written, and every one is a hit in the second.
+    programs = first_counts[1]
+    assert programs >= 2 and first_counts == (0, programs) and second_counts == (programs, 0)
+    entries = [name for name in first_objects if name.endswith("-cache")]
+    assert len(entries) == programs and min(len(first_objects[name]) for name in entries) > 1000  # executables
+    assert second_objects == first_objects and second_value == first_value

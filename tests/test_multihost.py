@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import RESOLUTION
@@ -26,35 +27,61 @@ def argv(pipeline_dir, dataset_dir, output_dir, devices):
     # Adam's division for parameters whose true gradient is 0.
     return [sys.executable, SCRIPT, "--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", dataset_dir,
             "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", "1",
-            "--max_train_steps", "3", "--learning_rate", "0.05", "--adam_epsilon", "1.0", "--log_every", "1",
+            "--max_train_steps", str(STEPS), "--learning_rate", "0.05", "--adam_epsilon", "1.0", "--log_every", "1",
             "--report_to", "none", "--random_flip", "--seed", "5", "--cpu_devices", str(devices)]
 
 
-def test_two_processes_train_like_one(pipeline_dir, dataset_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single = subprocess.run(argv(pipeline_dir, dataset_dir, str(tmp_path / "one"), 8), env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-3000:]
+STEPS = 8
 
+
+def environment():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def start_two(command):
+    """The two processes of one run (4 devices each), coordinator on a free local port."""
     port = free_port()
-    workers = [subprocess.Popen(argv(pipeline_dir, dataset_dir, str(tmp_path / "two"), 4) + ["--multihost"],
-                                env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                         JAX_PROCESS_ID=str(rank)),
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for rank in range(2)]
+    return [subprocess.Popen(command, env=dict(environment(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in range(2)]
+
+
+def two_process_argv(pipeline_dir, dataset_dir, output_dir):
+    return argv(pipeline_dir, dataset_dir, str(output_dir), 4) + ["--multihost", "--checkpointing_steps", "100"]
+
+
+def losses(output_dir):
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, open(os.path.join(output_dir, "metrics.jsonl")))}
+
+
+def unet(output_dir):
+    return os.path.join(output_dir, "unet", "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(pipeline_dir, dataset_dir, tmp_path_factory):
+    """An uninterrupted 2-process run of 8 steps: (output folder, [(stdout, stderr)] of process 0 and 1)."""
+    output_dir = tmp_path_factory.mktemp("two")
+    workers = start_two(two_process_argv(pipeline_dir, dataset_dir, output_dir))
     outputs = [worker.communicate(timeout=900) for worker in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]
+    return str(output_dir), outputs
+
+
+def test_two_processes_train_like_one(two_process_run, pipeline_dir, dataset_dir, tmp_path):
+    single = subprocess.run(argv(pipeline_dir, dataset_dir, str(tmp_path / "one"), 8), env=environment(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, outputs = two_process_run
     assert "devices: 8 x cpu" in outputs[0][0]
     assert "saved the fine-tuned pipeline" in outputs[0][0] and "saved" not in outputs[1][0]
 
-    def losses(folder):
-        return [json.loads(line)["loss"] for line in open(tmp_path / folder / "metrics.jsonl")]
-
-    assert len(losses("two")) == 3
-    np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
-    one = load_file(str(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert sorted(losses(two)) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([losses(two)[s] for s in range(1, STEPS + 1)],
+                               [losses(str(tmp_path / "one"))[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+    one, two = load_file(unet(str(tmp_path / "one"))), load_file(unet(two))
     assert sorted(one) == sorted(two)
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
@@ -62,26 +89,19 @@ def test_two_processes_train_like_one(pipeline_dir, dataset_dir, tmp_path):
     assert max(np.abs(one[key] - source[key]).max() for key in one) > 1e-4  # the runs did train
 
 
-def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(pipeline_dir, dataset_dir, tmp_path):
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(two_process_run, pipeline_dir, dataset_dir,
+                                                                          tmp_path):
     """A preemption notice reaches one process of two: JAX's preemption service tells the other, both finish
     the same step, write one checkpoint together (each its own shards) and exit with code 75; started
-    again with `latest`, both continue from that step to the end."""
+    again with `latest`, both continue from that step to the end, and the export and every logged loss equal
+    the uninterrupted 2-process run's bit for bit."""
     import signal
     import time
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     output_dir = tmp_path / "run"
-    common = argv(pipeline_dir, dataset_dir, str(output_dir), 4) + ["--multihost", "--checkpointing_steps", "100"]
-    common[common.index("--max_train_steps") + 1] = "8"
+    common = two_process_argv(pipeline_dir, dataset_dir, output_dir)
 
-    def start(extra):
-        port = free_port()
-        return [subprocess.Popen(common + extra, env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                                          JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for rank in range(2)]
-
-    workers = start([])
+    workers = start_two(common)
     metrics = output_dir / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -95,12 +115,15 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(pipelin
              if line.startswith("stopped by ")}
     assert len(stops) == 1, [err[-1000:] for _, err in outputs]  # one agreed step, said by process 0 at least
     stopped_at = int(stops.pop())
-    assert 2 <= stopped_at < 8 and sorted(os.listdir(output_dir / "checkpoints")) == [str(stopped_at)]
+    assert 2 <= stopped_at < STEPS and sorted(os.listdir(output_dir / "checkpoints")) == [str(stopped_at)]
 
-    workers = start(["--resume_from_checkpoint", "latest"])
+    workers = start_two(common + ["--resume_from_checkpoint", "latest"])
     outputs = [w.communicate(timeout=900) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
     assert f"resumed from {output_dir / 'checkpoints' / str(stopped_at)} (step {stopped_at} of 8)" in outputs[0][0]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps[-1] == 8 and sorted(set(steps)) == list(range(1, 9))
-    assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))
+    uninterrupted, _ = two_process_run
+    assert losses(str(output_dir)) == losses(uninterrupted)
+    with open(unet(str(output_dir)), "rb") as resumed, open(unet(uninterrupted), "rb") as reference:
+        assert resumed.read() == reference.read()
