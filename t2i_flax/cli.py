@@ -184,10 +184,10 @@ def main(argv=None) -> int:
             env = {name: int(os.environ[key]) for name, key in (("num_processes", "JAX_NUM_PROCESSES"),
                                                                 ("process_id", "JAX_PROCESS_ID")) if key in os.environ}
             jax.distributed.initialize(**env)
-        from t2i_flax import compile_cache, train
+        from t2i_flax import checkpoint, compile_cache, train
 
         compile_cache.enable(config.devices.compilation_cache_dir)
-        from t2i_flax.checkpoint import setup_process; setup_process()  # noqa: E702  (process-wide, once)
+        checkpoint.setup_process()  # process-wide settings for Orbax's background writes, once
         train.run(config)
     except (errors.UserError, errors.TrainingFailed) as error:  # anything else is a bug: traceback, exit 1
         return errors.report(error)

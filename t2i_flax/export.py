@@ -1,6 +1,9 @@
 """Writes the trained model as a diffusers StableDiffusionPipeline folder (safetensors, PyTorch names)
 that `StableDiffusionPipeline.from_pretrained(output_dir)` loads as it is: no safety checker download,
-an inference scheduler with steps_offset=1 and the model's prediction_type."""
+an inference scheduler with steps_offset=1 and the model's prediction_type. What is written with it (a LoRA
+file, a merged pipeline) is decided by what was trained (t2i_flax/trainable.py, through `PipelineWriter`).
+
+    python -m t2i_flax.export --checkpoint <output_dir>/checkpoints/<step> --output_dir DIR [--no_ema]"""
 from __future__ import annotations
 
 import dataclasses
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from t2i_flax import errors
+    from t2i_flax import checkpoint, errors
 
     parser = argparse.ArgumentParser(prog="python -m t2i_flax.export",
                                      description="Write the diffusers pipeline folder of a training checkpoint.")
@@ -155,8 +158,9 @@ def main(argv=None) -> int:
     try:
         if os.path.isfile(args.output_dir):
             raise errors.FlagError(f"--output_dir {args.output_dir} is a file, not a folder")
+        checkpoint.setup_process()
         what = export_checkpoint(args.checkpoint, args.output_dir, use_ema=not args.no_ema)
-    except errors.UserError as error:
+    except (errors.UserError, errors.TrainingFailed) as error:  # a storage that never answered: exit 1
         return errors.report(error)
     print(f"exported the {what} weights of {args.checkpoint} to {os.path.abspath(args.output_dir)}", file=sys.stdout)
     return 0
