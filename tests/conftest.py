@@ -16,6 +16,12 @@ if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from t2i_flax import compile_cache  # noqa: E402
+
+# In this process too: a program compiled by one test (the tiny step, a sampler) is read back by the next test
+# that compiles the same program, and by the training processes the tests start.
+compile_cache.enable(os.environ["T2I_FLAX_COMPILATION_CACHE"])
+
 # On 2 cores, torch's thread pool and XLA's fight after JAX has run (the PyTorch oracle then runs ~30x
 # slower); one torch thread keeps both fast.
 torch.set_num_threads(1)
