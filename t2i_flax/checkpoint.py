@@ -190,10 +190,10 @@ def setup_process() -> None:
     global _process_set_up
     if _process_set_up:
         return
+    for name in ("asyncio", "absl", "gcsfs"):  # first: registering the handler below logs an absl warning
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-    for name in ("asyncio", "absl", "gcsfs"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     previous = sys.unraisablehook
 
     def hook(unraisable):

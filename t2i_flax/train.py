@@ -131,7 +131,8 @@ def run(config: RunConfig) -> None:
             # creeps into the step, the metrics, validation or checkpointing is an error.
             with jax.transfer_guard("disallow"):
                 for finished in range(resume_step + 1, plan.max_train_steps + 1):
-                    batch = sharding.global_batch(mesh, next(batches))
+                    with jax.transfer_guard_host_to_device("allow"):  # the one intended copy (several hosts: JAX
+                        batch = sharding.global_batch(mesh, next(batches))  # counts it as an implicit one)
                     state, step_metrics = train_step(state, frozen, batch)
                     metrics.add(finished, step_metrics)
                     stopping = stop_request.should_stop(finished)
