@@ -1,5 +1,5 @@
 """`make demo`: a tiny random SD pipeline and a synthetic captioned dataset; the tiny VAE fitted to the
-images first (a few seconds), then the UNet trained with the real command line on 8 simulated CPU devices
+images first (1000 Adam steps), then the UNet trained with the real command line on 8 simulated CPU devices
 (EMA, warmup schedule, TensorBoard, validation images, a checkpoint, latent cache) and exported with its model
 card. The last validation grid shows each prompt's colours; the untrained model's grid (step 0) does not.
 No torch, no network.
@@ -27,7 +27,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
 TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
 # The demo's own model: a VAE of factor 4 (8x8 latents for its 32 px images: a UNet step ~7x cheaper than on
-# TINY_VAE's 16x16), narrow enough to be fitted in seconds; the same UNet on the smaller latents.
+# TINY_VAE's 16x16), narrow enough to be fitted on a CPU in a minute; the same UNet on the smaller latents.
 DEMO_VAE = dict(TINY_VAE, block_out_channels=[8, 16, 16], norm_num_groups=4, mid_block_add_attention=False,
                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3)
 DEMO_UNET = dict(TINY_UNET, sample_size=8)
@@ -43,8 +43,10 @@ PROMPTS = ("a red circle on a blue background", "a yellow square on a black back
            "a white triangle on a green background", "a purple square on a yellow background")
 IMAGES_PER_PROMPT = 2  # 4 x 2: one image per simulated device
 SAMPLER = dict(num_inference_steps=20, guidance_scale=7.5)  # the trainer's validation defaults
-VAE_FIT = dict(steps=500, batch_size=8, learning_rate=5e-3, kl_weight=1e-4)
-TEXT_EMBEDDING_STD = 1.0
+# Reconstruction error (images in [-1, 1], seed 0) 1.20 random -> 0.044 after 500 steps, 0.029 after 1000: with
+# 500, seed 2's VAE (0.086) blurred black and green into one navy and its grid matched 6 of 8.
+VAE_FIT = dict(steps=1000, batch_size=8, learning_rate=5e-3, kl_weight=1e-4)
+TEXT_EMBEDDING_STD = 1.0  # see spread_text_embeddings
 SD_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
     cli.setup_devices(8)  # before jax is imported
     from t2i_flax import compile_cache, synthetic
 
-    compile_cache.enable(None)  # the default folder, as the trainer's: a second demo compiles nothing
+    compile_cache.enable(None)  # the trainer's default folder: a second run reuses the compiled programs
     model_dir = os.path.join(options.workdir, "tiny-sd")
     data_dir = os.path.join(options.workdir, "shapes")
     output_dir = os.path.join(options.workdir, "sd-shapes-model")

@@ -31,7 +31,7 @@ def grid_matches(path: str) -> np.ndarray:
 def test_the_trained_model_draws_the_prompts_colours_and_the_untrained_one_does_not(demo_dir):
     grids = os.path.join(demo_dir, "sd-shapes-model", "validation")
     first, last = grid_matches(os.path.join(grids, "step_0.png")), grid_matches(os.path.join(grids, "step_400.png"))
-    # Measured (seed 0): 8 of 8 images after 400 steps; 1 of 8 (chance: 2 of 8) before training.
+    # Measured (seed 0): 8 of 8 images after 400 steps (seeds 1 and 2: 8 of 8); 1 of 8 before (chance: 2 of 8).
     assert last.mean() >= 0.9, last
     assert first.mean() < 0.9, first
     assert sorted(os.listdir(grids)) == ["step_0.png", "step_400.png"]  # validation only at the end: the step-0
@@ -44,9 +44,10 @@ def test_the_fitted_vae_reconstructs_the_demo_images(demo_dir):
     random = jax.jit(vae.init_params)(jax.random.fold_in(jax.random.key(0), 1))  # write_tiny_pipeline's VAE
     random_error = vae_fit.reconstruction_error(vae, random, images_BCHW)
     fitted_error = vae_fit.reconstruction_error(vae, fitted, images_BCHW)
-    # Measured: 1.20 (random) -> 0.044 (fitted), mean squared error of images in [-1, 1].
+    # Measured: 1.199 (random) -> 0.029 (fitted), mean squared error of images in [-1, 1] (seeds 1, 2: 0.82 and
+    # 0.85 -> 0.034 and 0.033).
     assert random_error > 1.0
-    assert fitted_error < 0.08
+    assert fitted_error < 0.05
     # The latents the UNet was trained on have unit variance, by the saved scaling factor.
     latents = np.asarray(vae.apply({"params": fitted}, images_BCHW[:64], method=vae.encode).latent_dist.mean)
     assert np.std(latents * vae.scaling_factor) == pytest.approx(1.0, abs=0.1)
