@@ -16,15 +16,19 @@ SHAPES = ("circle", "square", "triangle")
 
 
 def write_synthetic_dataset(directory: str | os.PathLike, n_images: int, resolution: int = 64,
-                            seed: int = 0) -> list[str]:
+                            seed: int = 0, empty_caption_fraction: float = 0.0) -> list[str]:
     """Writes an imagefolder of coloured shapes with metadata.jsonl (file_name, text); returns the captions.
 
     Each image: a background colour and a different shape colour; a circle, square or triangle of
     40-80% of the image at a random position; caption "a {colour} {shape} on a {colour} background".
+    `empty_caption_fraction` of the images (drawn at random) get the empty caption instead: a model trained
+    from scratch then also learns the unconditional prediction that classifier-free guidance needs (SD dropped
+    10% of its captions); the images are the same whatever the fraction.
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     rng = random.Random(seed)
+    empty_rng = random.Random(f"{seed}-empty")  # its own stream: the images do not depend on the fraction
     names = list(COLORS)
     captions, lines = [], []
     for i in range(n_images):
@@ -45,6 +49,8 @@ def write_synthetic_dataset(directory: str | os.PathLike, n_images: int, resolut
         file_name = f"{i:05d}.png"
         image.save(os.path.join(directory, file_name))
         caption = f"a {color} {shape} on a {background} background"
+        if empty_caption_fraction and empty_rng.random() < empty_caption_fraction:
+            caption = ""
         captions.append(caption)
         lines.append(json.dumps({"file_name": file_name, "text": caption}))
     with open(os.path.join(directory, "metadata.jsonl"), "w", encoding="utf-8") as f:

@@ -103,3 +103,15 @@ def labelled_grid(images: np.ndarray, prompts: list[str], per_prompt: int) -> np
         for column in range(per_prompt):
             canvas.paste(Image.fromarray(images[row * per_prompt + column]), (column * width, top + LABEL_HEIGHT))
     return np.asarray(canvas)
+
+
+def grid_images(grid: np.ndarray, rows: int, per_prompt: int, size: int) -> np.ndarray:
+    """The images (rows x per_prompt, size, size, 3) of a labelled_grid, back at their own size."""
+    tile = grid.shape[1] // per_prompt
+    zoom = tile // size
+    images = []
+    for row in range(rows):
+        top = row * (tile + LABEL_HEIGHT) + LABEL_HEIGHT
+        for column in range(per_prompt):
+            images.append(grid[top:top + tile:zoom, column * tile:(column + 1) * tile:zoom])
+    return np.stack(images)
