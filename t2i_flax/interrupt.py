@@ -58,7 +58,7 @@ class StopRequest:
             # The second Ctrl-C: abort now, without a checkpoint. Not by raising KeyboardInterrupt: the handler
             # may run inside a callback (XLA's gc callback, say) where Python ignores exceptions. An unfinished
             # save leaves only a temporary folder, which the next run removes.
-            print("interrupted", file=sys.stderr, flush=True)
+            _say("interrupted")  # on a line of its own, after the progress bar's
             os._exit(EXIT_ABORTED)
         self.signal_name = "SIGINT"
         _say("SIGINT: finishing this step, then a checkpoint (Ctrl-C again to abort without one)")

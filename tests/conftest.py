@@ -28,6 +28,21 @@ torch.set_num_threads(1)
 
 RESOLUTION = 32  # of the synthetic dataset and the tiny pipeline's training runs
 
+# Seconds each file takes (measured, 2-core machine, one worker); `make test` runs the files on 2 workers
+# (pytest-xdist, a whole file per worker, in the order collected), so the longest go first: the short ones then
+# fill the gaps instead of one long file running alone at the end.
+FILE_SECONDS = {"test_demo.py": 180, "test_train.py": 330, "test_checkpoint.py": 265, "test_restore_faults.py": 190,
+                "test_aot.py": 160, "test_latent_cache.py": 120, "test_multihost.py": 180, "test_checkpoint_gcs.py": 100,
+                "test_train_lora.py": 100, "test_step_vs_torch.py": 70, "test_sample.py": 60, "test_cli.py": 40,
+                "test_lora.py": 40, "test_data.py": 35, "test_generate.py": 35, "test_setup.py": 30}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The longest files first (see FILE_SECONDS); the tests of a file keep their order."""
+    def seconds(item):
+        return FILE_SECONDS.get(os.path.basename(str(item.fspath)), 0)
+    items.sort(key=lambda item: -seconds(item))  # a stable sort
+
 
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory):
