@@ -2,7 +2,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-fast install install-dev clean
+
+# Two workers (pytest-xdist), a whole test file each, the longest files first (tests/conftest.py's FILE_SECONDS):
+# most of the suite is XLA compiling on the CPU, and one worker leaves the second core half idle.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,7 +32,11 @@ demo: $(VENV)/.runtime
 	$(BIN)/python -m t2i_flax.demo
 
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
+
+# The quick tier for iteration: everything but the files marked slow (end-to-end runs, faults, multi-host, aot, demo).
+test-fast: $(VENV)/.dev
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -37,11 +37,17 @@ FILE_SECONDS = {"test_demo.py": 180, "test_train.py": 330, "test_checkpoint.py":
                 "test_lora.py": 40, "test_data.py": 35, "test_generate.py": 35, "test_setup.py": 30}
 
 
+SLOW_FILE_SECONDS = 60  # files that take at least this long are marked slow: `make test-fast` leaves them out
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The longest files first (see FILE_SECONDS); the tests of a file keep their order."""
+    """The longest files first (see FILE_SECONDS); the tests of a file keep their order. Long files are `slow`."""
     def seconds(item):
         return FILE_SECONDS.get(os.path.basename(str(item.fspath)), 0)
     items.sort(key=lambda item: -seconds(item))  # a stable sort
+    for item in items:
+        if seconds(item) >= SLOW_FILE_SECONDS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

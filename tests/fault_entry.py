@@ -7,6 +7,8 @@ T2I_FLAX_TEST_READ_FAULT=<CODE>:<count>[:<process>]
     (which wraps it in its bare Exception); on process <process> only, where given.
 T2I_FLAX_TEST_READ_DELAYS=1,2     checkpoint.READ_RETRY_DELAYS_S (seconds, comma-separated).
 T2I_FLAX_TEST_ARM_URL=<url>       fetched once, before the first checkpoint read (arms the tests' failing proxy).
+T2I_FLAX_TEST_GCSFS_BACKOFF=<f>   gcsfs's waits between its own tries of a request, times f (the test keeps its
+                                  6 tries but not their half minute of waiting).
 
 The patches go in once JAX is set up (devices, jax.distributed), where cli.main enables the compilation cache:
 importing Orbax earlier would initialise JAX before --cpu_devices and --multihost take effect."""
@@ -53,6 +55,18 @@ def install_faults() -> None:
             original_read_shard = serialization._read_shard
             ocp.CheckpointManager.restore = restore
             serialization._read_shard = read_shard
+
+    backoff = os.environ.get("T2I_FLAX_TEST_GCSFS_BACKOFF")
+    if backoff:
+        import asyncio
+        import types
+
+        import gcsfs.retry
+
+        async def shorter_sleep(seconds):
+            await asyncio.sleep(seconds * float(backoff))
+
+        gcsfs.retry.asyncio = types.SimpleNamespace(sleep=shorter_sleep)  # retry.py's only use of asyncio
 
     arm_url = os.environ.get("T2I_FLAX_TEST_ARM_URL")
     if arm_url:

@@ -308,16 +308,17 @@ def failing_proxy(gcs):  # noqa: F811
     thread.join()
 
 
-# gcsfs tries a request 6 times, waiting 1 + 2 + 4 + 8 + 16 s and a jitter between them (31 to 36 s): a bucket that
-# answers 503 for 40 s outlasts them, and our retry, 10 s later, finds it answering again.
-FAILING_SECONDS, DELAYS_IN_A_BUCKET = 40, "10,10,10"
+# gcsfs tries a request 6 times, waiting 1 + 2 + 4 + 8 + 16 s and a jitter between them (31 to 36 s measured); the
+# test keeps its tries but divides its waits by 8 (about 4 to 4.5 s): a bucket that answers 503 for 8 s outlasts them,
+# and our retry, 6 s later, finds it answering again.
+GCSFS_BACKOFF, FAILING_SECONDS, DELAYS_IN_A_BUCKET = "0.125", 8, "6,6,6"
 
 
 def test_a_bucket_that_answers_503_for_a_while_is_retried_and_resumes_the_newest(gcs, failing_proxy, trained,  # noqa: F811
                                                                                   pipeline_dir, dataset_dir, tmp_path):
-    """The run's checkpoints in the emulator's bucket, reached through a proxy that answers 503 for 40 s from the
-    moment the restore starts: gcsfs retries its requests for about 33 s and gives up, our retry waits 10 s and
-    tries again, and the run resumes step 4. Every step folder stays; the export equals the run's."""
+    """The run's checkpoints in the emulator's bucket, reached through a proxy that answers 503 for 8 s from the
+    moment the restore starts: gcsfs retries its requests (its waits shortened 8 times) and gives up, our retry
+    waits 6 s and tries again, and the run resumes step 4. Every step folder stays; the export equals the run's."""
     prefix = "faults/checkpoints"
     local = os.path.join(trained, "checkpoints")
     for path in sorted(digest(local)):
@@ -330,15 +331,16 @@ def test_a_bucket_that_answers_503_for_a_while_is_retried_and_resumes_the_newest
     command = argv(pipeline_dir, dataset_dir, output_dir, "--checkpoints_dir", bucket_dir,
                    "--resume_from_checkpoint", "latest", entry=ENTRY)
     result = run(command, **emulator_environment(failing_proxy.url), T2I_FLAX_TEST_READ_DELAYS=DELAYS_IN_A_BUCKET,
-                 T2I_FLAX_TEST_ARM_URL=f"{failing_proxy.url}/_arm?seconds={FAILING_SECONDS}")
+                 T2I_FLAX_TEST_ARM_URL=f"{failing_proxy.url}/_arm?seconds={FAILING_SECONDS}",
+                 T2I_FLAX_TEST_GCSFS_BACKOFF=GCSFS_BACKOFF)
     assert result.returncode == 0, result.stderr[-3000:]
     failed = failing_proxy.failed
     retries = [line for line in result.stderr.splitlines() if line.startswith("reading checkpoint ")]
     print(f"\n{len(failed)} answers 503 over {failed[-1][0] - failed[0][0]:.1f} s, {failing_proxy.forwarded} requests "
           f"forwarded, the run took {result.seconds:.1f} s; ours: {retries}")
-    assert failed[-1][0] - failed[0][0] > 25 and len(failed) >= 6  # gcsfs's own tries, with its waits
+    assert failed[-1][0] - failed[0][0] > 25 * float(GCSFS_BACKOFF) and len(failed) >= 6  # gcsfs's tries and waits
     assert retries == [f"reading checkpoint {bucket_dir}/4 failed (HttpError: Service Unavailable (test proxy), 503); "
-                       f"attempt 2 of 4 in 10 s"], result.stderr[-3000:]
+                       f"attempt 2 of 4 in 6 s"], result.stderr[-3000:]
     assert f"resumed from {bucket_dir}/4 (step 4 of 4)" in result.stdout
     assert "falling back" not in result.stderr and "Traceback" not in result.stderr
     assert gcs.objects(f"{prefix}/") == before  # nothing renamed, deleted or written

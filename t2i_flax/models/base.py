@@ -61,6 +61,9 @@ def check_config(model: str, config: dict, supported: Sequence[str], off: Mappin
     return kwargs
 
 
+_ABSTRACT_PARAMS: dict = {}  # (class, config) -> the parameter tree's ShapeDtypeStructs
+
+
 class PretrainedMixin:
     weights_name: str
     legacy_weights_name: str
@@ -123,8 +126,13 @@ class PretrainedMixin:
         return module, params
 
     def abstract_params(self):
-        """The parameter tree as ShapeDtypeStructs, without materialising any weights."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
+        """The parameter tree as ShapeDtypeStructs, without materialising any weights. Tracing the init costs
+        about 0.3 s even for a tiny model and a run asks for it several times: kept per configuration (the
+        parameters' shapes and dtypes do not depend on the compute dtype or attention)."""
+        key = (type(self).__qualname__, json.dumps(self.to_config(), sort_keys=True))
+        if key not in _ABSTRACT_PARAMS:
+            _ABSTRACT_PARAMS[key] = jax.eval_shape(self.init_params, jax.random.key(0))
+        return jax.tree_util.tree_map(lambda leaf: leaf, _ABSTRACT_PARAMS[key])  # a tree of its own to the caller
 
     def init_params(self, rng):
         """Random initial parameters (for tests and the demo's tiny model; never used to load weights)."""
