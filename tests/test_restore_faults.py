@@ -34,7 +34,11 @@ DELAYS = "0.5,1,2"  # our retries' waits in the training processes (READ_ATTEMPT
 
 
 def argv(pipeline_dir, dataset_dir, output_dir, *extra, entry=None):
-    command = run_argv(pipeline_dir, dataset_dir, output_dir, *extra)
+    """test_checkpoint.py's run, 4 steps, with test_checkpoint_gcs.py's schedule (constant after its warmup, so the
+    step is the same program as there, compiled once) and no dataloader workers (their position is
+    test_checkpoint.py's matter; each would start another Python)."""
+    command = run_argv(pipeline_dir, dataset_dir, output_dir, "--lr_scheduler", "constant_with_warmup",
+                       "--dataloader_num_workers", "0", *extra)
     command[command.index("--max_train_steps") + 1] = str(STEPS)
     if entry:
         command[1] = entry
@@ -66,7 +70,7 @@ def error_lines(stderr):
 
 @pytest.fixture(scope="module")
 def trained(pipeline_dir, dataset_dir, tmp_path_factory):
-    """4 steps on 8 devices, checkpoints of steps 2 and 4 (EMA, random flips, 2 dataloader workers)."""
+    """4 steps on 8 devices, checkpoints of steps 2 and 4 (EMA, random flips)."""
     output_dir = str(tmp_path_factory.mktemp("trained"))
     result = run(argv(pipeline_dir, dataset_dir, output_dir))
     assert result.returncode == 0, result.stderr[-3000:]

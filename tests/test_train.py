@@ -46,15 +46,17 @@ def test_learning_rate_zero_exports_identical_tensors(pipeline_dir, dataset_dir,
 
 def test_command_line_run_exports_a_pipeline_diffusers_runs(pipeline_dir, dataset_dir, tmp_path):
     output_dir = str(tmp_path / "out")
+    # The step of test_checkpoint_gcs.py's and test_restore_faults.py's runs (EMA 0.9, lr 1e-3, 2 warmup steps; the
+    # data flags and the seed are not part of the program): compiled once for the three files.
     argv = train_argv(pipeline_dir, dataset_dir, output_dir, "--learning_rate", "1e-3", "--use_ema",
-                      "--ema_decay", "0.9", "--lr_scheduler", "linear", "--lr_warmup_steps", "1",
+                      "--ema_decay", "0.9", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
                       "--max_train_steps", "4", "--log_every", "2", "--hub_token", "hf_secret_value")
     assert cli.main(argv) == 0
 
     logged = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
     assert [entry["step"] for entry in logged] == [2, 4]
-    # linear with 1 warmup step over 4 steps: lr(0..3) = 0, 1e-3, 2/3e-3, 1/3e-3 -> window means
-    np.testing.assert_allclose([entry["learning_rate"] for entry in logged], [0.5e-3, 0.5e-3], rtol=1e-5)
+    # 2 warmup steps, then constant: lr(0..3) = 0, 0.5e-3, 1e-3, 1e-3 -> window means
+    np.testing.assert_allclose([entry["learning_rate"] for entry in logged], [0.25e-3, 1e-3], rtol=1e-5)
     assert all(np.isfinite(entry["loss"]) and entry["loss"] > 0 for entry in logged)
     assert glob.glob(os.path.join(output_dir, "logs", "events.out.tfevents.*"))
     saved_args = open(os.path.join(output_dir, "training_args.json")).read()
@@ -291,17 +293,13 @@ def test_loss_falls_when_overfitting_one_batch(components):
 @pytest.fixture(scope="module")
 def data_parallel_8(components):
     """Reference: all 8 devices on the data axis, parameters replicated; the real optimizer (clip + AdamW)
-    and EMA. Also the first step's gradients, to find the entries where Adam is ill-conditioned."""
+    and EMA. Also the first step's gradients as Adam sees them (clipped), to find the entries where Adam is
+    ill-conditioned: after one step Adam's first moment is (1 - beta1) x g, so they come from the state of a
+    one-step run of the same program (no second compile)."""
     mesh = sharding.make_mesh(1)
-    lr = optim.learning_rate_schedule("constant", LAYOUT_LR, 0, 100)
-    config = step.StepConfig(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
-                             noise_schedule=components["schedule"], optimizer=optim.make_optimizer(lr),
-                             learning_rate=lr)
-    frozen = jax.device_put(components["frozen"], sharding.tree_shardings(mesh, components["frozen"]))
-    state, _ = step.create_state(config, mesh, components["unet_params"], seed=0)
-    _, grads = jax.jit(lambda s, f, b: step.loss_and_grads(config, s.params, f, b, step.step_key(s)))(
-        state, frozen, sharding.global_batch(mesh, components["batches"][0]))
-    return run_steps(components, mesh, components["batches"], learning_rate=LAYOUT_LR) + (jax.device_get(grads),)
+    _, after_one_step = run_steps(components, mesh, components["batches"][:1], learning_rate=LAYOUT_LR)
+    first_grads = jax.tree_util.tree_map(lambda mu: np.asarray(mu) / (1 - 0.9), after_one_step.opt_state[1][0].mu)
+    return run_steps(components, mesh, components["batches"], learning_rate=LAYOUT_LR) + (first_grads,)
 
 
 @pytest.mark.parametrize("layout", ["one_device", "fsdp8", "data2_fsdp4"])
@@ -309,9 +307,9 @@ def test_same_global_batch_same_result_on_any_layout(components, data_parallel_8
     """The layout changes only the order of float reductions (the batch mean of the loss, the gradient
     all-reduce). Losses agree to rtol 2e-5 (measured <= 1.2e-7) and the parameters and EMA after two AdamW
     steps to 1e-5 (measured <= 3.6e-6; at most 1 entry in 10,000 beyond) except where Adam is ill-conditioned:
-    its first update is lr x g / (|g| + eps), and where |g| < 100 eps (0.7% of the entries here) a relative
-    change of g from the reduction order becomes any fraction of lr (measured max difference there: 8.6e-5 = 0.09 lr;
-    bounded at 3 times that)."""
+    its first update is lr x g / (|g| + eps), and where |g| < 100 eps (1.4% of the entries here, of the clipped
+    gradients Adam sees) a relative change of g from the reduction order becomes any fraction of lr (measured max
+    difference there: 8.6e-5 = 0.09 lr; bounded at 3 times that)."""
     batches = components["batches"]
     reference_losses, reference_state, first_grads = data_parallel_8
     if layout == "one_device":
@@ -324,7 +322,8 @@ def test_same_global_batch_same_result_on_any_layout(components, data_parallel_8
     assert moved > 1e-3  # the steps really changed the parameters
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
     ill = {path: np.abs(np.asarray(g)) < 100 * 1e-8 for path, g in weights.flatten(first_grads).items()}
-    assert sum(m.sum() for m in ill.values()) < 1e-2 * sum(m.size for m in ill.values())
+    # Measured: 1.4% of the entries (Adam sees the clipped gradients, whose norm is below the raw ones).
+    assert sum(m.sum() for m in ill.values()) < 2e-2 * sum(m.size for m in ill.values())
     # Measured at the ill-conditioned entries: at most 8.6e-5 = 0.09 lr; the bound is 3 times that (what Adam
     # could move them in 2 steps, 2 x lr x 2, could never fail).
     ill_bound = 0.27 * LAYOUT_LR
