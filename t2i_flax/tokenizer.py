@@ -4,10 +4,14 @@ The model's tokenizer is a `transformers.CLIPTokenizer` loaded from a local fold
 subfolder of a diffusers model). In transformers 5, `CLIPTokenizer(vocab_file=..., merges_file=...)`
 silently ignores the files, so the only way in is `CLIPTokenizer.from_pretrained(folder)`.
 
+The pad token is the folder's own: SD 1.x/2.x tokenizers pad with `<|endoftext|>`, SDXL's `tokenizer_2`
+with `!` (its special_tokens_map.json and tokenizer_config.json say `"pad_token": "!"`).
+
 `write_tiny_clip_tokenizer` writes a real CLIP-format tokenizer folder (vocab.json, merges.txt,
 tokenizer_config.json, special_tokens_map.json) whose vocabulary is the 256 byte-level symbols, their
 end-of-word forms, BPE merges that make a small set of English words single tokens, and the two
-special tokens. It needs no network and no torch; the demo and the tests use it.
+special tokens; `pad_token="!"` makes it pad like SDXL's tokenizer_2. It needs no network and no torch;
+the demo and the tests use it.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from t2i_flax.errors import ModelError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+SDXL_PAD_TOKEN = "!"  # SDXL's tokenizer_2 (OpenCLIP's padding); id 0 in CLIP's vocabulary, as in the tiny one
 END_OF_WORD = "</w>"
 
 # Words that become single tokens in the tiny tokenizer (the synthetic demo captions use them).
@@ -35,19 +40,49 @@ TINY_WORDS: tuple[str, ...] = (
 )
 
 
+def folder_pad_token(path: str) -> str | None:
+    """The pad token a tokenizer folder names: special_tokens_map.json's, else tokenizer_config.json's (the
+    order in which transformers, 4.x and 5, lets them override each other); None when neither names one.
+    A token may be written as a string or as an AddedToken object ({"content": ...})."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as handle:
+                content = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot load the CLIP tokenizer in {path}: cannot read {name}: {error}") from None
+        pad = content.get("pad_token") if isinstance(content, dict) else None
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str):
+            return pad
+    return None
+
+
 def load_tokenizer(path_or_dir: str | os.PathLike):
-    """Loads the CLIP tokenizer saved in a local folder (vocab.json + merges.txt or tokenizer.json)."""
+    """Loads the CLIP tokenizer saved in a local folder (vocab.json + merges.txt or tokenizer.json), with the
+    folder's own pad token (`<|endoftext|>` for SD 1.x/2.x, `!` for SDXL's tokenizer_2; CLIPTokenizer's
+    default `<|endoftext|>` when the folder names none). The pad token must be in the vocabulary: a token
+    added on top would get an id past the text encoder's embedding table."""
     from transformers import CLIPTokenizer
 
     path = os.fspath(path_or_dir)
     if not os.path.isdir(path):
         raise ModelError(f"tokenizer folder {path!r} does not exist (expected the model's tokenizer/ subfolder)")
+    pad = folder_pad_token(path)
     try:
-        return CLIPTokenizer.from_pretrained(path)
+        # Passed explicitly: the folder's pad token, whatever a transformers release makes of the two files.
+        tokenizer = CLIPTokenizer.from_pretrained(path, **({"pad_token": pad} if pad is not None else {}))
     # Missing or malformed vocab.json / merges.txt: OSError, ValueError, or the tokenizers library's plain
     # Exception ("Error while initializing BPE"). Only this one call into a library reading the user's files.
     except Exception as error:  # noqa: BLE001
         raise ModelError(f"cannot load the CLIP tokenizer in {path}: {str(error).strip().splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= tokenizer.vocab_size:
+        raise ModelError(f"the CLIP tokenizer in {path} pads with {tokenizer.pad_token!r}, which is not in its "
+                         f"vocabulary of {tokenizer.vocab_size} tokens")
+    return tokenizer
 
 
 def tokenize_captions(tokenizer, captions: Sequence[str]) -> tuple[np.ndarray, int]:
@@ -128,13 +163,15 @@ def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def write_tiny_clip_tokenizer(
-    directory: str | os.PathLike, model_max_length: int = 77, words: Sequence[str] = TINY_WORDS
+    directory: str | os.PathLike, model_max_length: int = 77, words: Sequence[str] = TINY_WORDS,
+    pad_token: str = EOS_TOKEN,
 ) -> int:
     """Writes a small offline CLIP tokenizer folder and returns its vocabulary size.
 
     Vocabulary (CLIP's order): 256 byte-level symbols, the same with "</w>", one token per merge,
-    then <|startoftext|> and <|endoftext|> (also the pad and unk token, as in SD 1.x).
-    Every word of `words` (lowercase letters) is a single token.
+    then <|startoftext|> and <|endoftext|> (also the unk token). Every word of `words` (lowercase
+    letters) is a single token. `pad_token`: <|endoftext|> as in SD 1.x/2.x, or "!" (SDXL_PAD_TOKEN,
+    id 0) as in SDXL's tokenizer_2; any token of the vocabulary is accepted.
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -142,6 +179,8 @@ def write_tiny_clip_tokenizer(
     merges = _learn_merges([w.lower() for w in words])
     tokens = alphabet + [s + END_OF_WORD for s in alphabet] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    if pad_token not in vocab:
+        raise ValueError(f"pad_token {pad_token!r} is not in the tiny tokenizer's vocabulary")
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
@@ -158,7 +197,7 @@ def write_tiny_clip_tokenizer(
         "eos_token": token_entry(EOS_TOKEN),
         "errors": "replace",
         "model_max_length": int(model_max_length),
-        "pad_token": EOS_TOKEN,
+        "pad_token": pad_token,
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": token_entry(EOS_TOKEN),
     }
@@ -167,7 +206,7 @@ def write_tiny_clip_tokenizer(
     special = {
         "bos_token": {"content": BOS_TOKEN, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
         "eos_token": {"content": EOS_TOKEN, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
-        "pad_token": EOS_TOKEN,
+        "pad_token": pad_token,
         "unk_token": {"content": EOS_TOKEN, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
     }
     with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:

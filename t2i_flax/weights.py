@@ -10,6 +10,7 @@ Our trees use the names of the removed diffusers/transformers Flax classes (so l
   mid_block.resnets.0.norm1.weight                        mid_block/resnets_0/norm1/scale
   text_model.encoder.layers.3.mlp.fc1.weight              text_model/encoder/layers/3/mlp/fc1/kernel
   text_model.embeddings.token_embedding.weight            text_model/embeddings/token_embedding/embedding
+  text_projection.weight           (out, in)              text_projection/kernel          (in, out)
 
 Conversion is driven by the target tree (from `jax.eval_shape`), so every file tensor must find
 exactly one parameter of the right shape and every parameter must be found.

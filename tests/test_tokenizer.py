@@ -1,4 +1,4 @@
-"""The tiny offline CLIP tokenizer and caption tokenization (truncation counts)."""
+"""The tiny offline CLIP tokenizer and caption tokenization (truncation counts, the folder's pad token)."""
 import json
 import pickle
 
@@ -7,9 +7,11 @@ import pytest
 
 from t2i_flax.errors import ModelError
 from t2i_flax.tokenizer import (
+    SDXL_PAD_TOKEN,
     TINY_WORDS,
     bytes_to_unicode,
     count_truncated,
+    folder_pad_token,
     load_tokenizer,
     tokenize_captions,
     write_tiny_clip_tokenizer,
@@ -112,3 +114,86 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     (tmp_path / "broken" / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(ModelError, match="cannot load the CLIP tokenizer in"):
         load_tokenizer(tmp_path / "broken")
+
+
+CAPTIONS = ["a red circle on a blue background", "a red circle!", "hello!! world, big STAR !", "", "!",
+            "red " * 80, "a tiny dark square at the light background of the picture"]
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", SDXL_PAD_TOKEN])
+def test_ids_match_transformers_for_both_pad_tokens(tmp_path, pad_token):
+    """Our tokenizer (load_tokenizer + tokenize_captions) gives transformers' CLIPTokenizer ids, padding included,
+    for SD 1.x's pad token and SDXL tokenizer_2's "!"."""
+    from transformers import CLIPTokenizer
+
+    write_tiny_clip_tokenizer(tmp_path, pad_token=pad_token)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        assert json.loads((tmp_path / name).read_text())["pad_token"] == pad_token
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    ours = load_tokenizer(tmp_path)
+    reference = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert ours.pad_token == reference.pad_token == pad_token
+    assert ours.pad_token_id == vocab[pad_token] and ours.eos_token_id == vocab["<|endoftext|>"]
+    ids, n_truncated = tokenize_captions(ours, CAPTIONS)
+    want = reference(CAPTIONS, max_length=77, padding="max_length", truncation=True)["input_ids"]
+    assert ids.tolist() == want
+    assert n_truncated == 1
+    # every caption: bos, its tokens, one eos, then pad ids to the end
+    for row, caption in zip(ids.tolist(), CAPTIONS):
+        length = len(reference(caption, max_length=77, truncation=True)["input_ids"])
+        assert row[length - 1] == vocab["<|endoftext|>"]
+        assert row[length:] == [vocab[pad_token]] * (77 - length)
+    if pad_token == SDXL_PAD_TOKEN:
+        assert vocab[SDXL_PAD_TOKEN] == 0  # as in CLIP's real vocabulary
+        assert ids[3].tolist() == [vocab["<|startoftext|>"], vocab["<|endoftext|>"]] + [0] * 75
+
+
+def test_pad_token_comes_from_the_folder(tmp_path):
+    """special_tokens_map.json's pad token over tokenizer_config.json's (as transformers reads them), an
+    AddedToken object as well as a string; CLIPTokenizer's default when neither names one."""
+    from transformers import CLIPTokenizer
+
+    def folder(name, config_pad, map_pad):
+        directory = tmp_path / name
+        write_tiny_clip_tokenizer(directory)
+        for file, pad in (("tokenizer_config.json", config_pad), ("special_tokens_map.json", map_pad)):
+            path = directory / file
+            if pad == "absent file":
+                path.unlink()
+                continue
+            content = json.loads(path.read_text())
+            if pad is None:
+                del content["pad_token"]
+            else:
+                content["pad_token"] = pad
+            path.write_text(json.dumps(content))
+        return directory
+
+    added = {"__type": "AddedToken", "content": "!", "lstrip": False, "normalized": True, "rstrip": False,
+             "single_word": False}
+    cases = {  # tokenizer_config.json's, special_tokens_map.json's, the folder's, the loaded pad token
+        "map_wins": ("<|endoftext|>", "!", "!", "!"),
+        "config_only": ("!", "absent file", "!", "!"),
+        "added_token_object": (added, added, "!", "!"),
+        "none_named": (None, None, None, "<|endoftext|>"),
+    }
+    for name, (config_pad, map_pad, named, loaded) in cases.items():
+        directory = folder(name, config_pad, map_pad)
+        assert folder_pad_token(str(directory)) == named, name
+        tokenizer = load_tokenizer(directory)
+        assert tokenizer.pad_token == CLIPTokenizer.from_pretrained(str(directory)).pad_token == loaded, name
+
+
+def test_pad_token_outside_the_vocabulary_is_refused(tmp_path):
+    write_tiny_clip_tokenizer(tmp_path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        content = json.loads((tmp_path / name).read_text())
+        content["pad_token"] = "<pad>"
+        (tmp_path / name).write_text(json.dumps(content))
+    with pytest.raises(ModelError, match="pads with '<pad>', which is not in its vocabulary"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text("{broken")
+    with pytest.raises(ModelError, match="cannot read special_tokens_map.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="not in the tiny tokenizer's vocabulary"):
+        write_tiny_clip_tokenizer(tmp_path / "other", pad_token="<pad>")

@@ -1,4 +1,5 @@
-"""CLIP text encoder (flax.linen), numerically equal to transformers' PyTorch `CLIPTextModel`.
+"""CLIP text encoders (flax.linen), numerically equal to transformers' PyTorch `CLIPTextModel` and
+`CLIPTextModelWithProjection` (SDXL's second text encoder).
 
 Parameter tree (the names of the removed transformers 4.x Flax class, so old `flax_model.msgpack` files
 load as they are; `t2i_flax.weights` maps them to PyTorch keys such as
@@ -11,10 +12,14 @@ load as they are; `t2i_flax.weights` maps them to PyTorch keys such as
     text_model/encoder/layers/<i>/layer_norm2/{scale,bias}
     text_model/encoder/layers/<i>/mlp/{fc1,fc2}/{kernel,bias}
     text_model/final_layer_norm/{scale,bias}
+    text_projection/kernel                                    (hidden_size, projection_dim), WithProjection only
 
 The forward pass: token + position embeddings -> pre-LayerNorm transformer layers with causal
 self-attention (plus an optional padding mask) -> final LayerNorm -> `last_hidden_state`;
-`pooler_output` is the final hidden state at the end-of-text token, chosen as transformers 5 does.
+`pooler_output` is the final hidden state at the end-of-text token, chosen as transformers 5 does;
+`text_embeds` (WithProjection) is its projection. With `output_hidden_states=True` both classes also return
+`hidden_states`, transformers' tuple: the embeddings' output, then every layer's output (the last one before
+the final LayerNorm), so `hidden_states[-2]` is SDXL's penultimate-layer conditioning.
 """
 from __future__ import annotations
 
@@ -74,15 +79,29 @@ _INERT_KEYS = {
     "architectures": (None, ["CLIPTextModel"]),
     "pruned_heads": ({}, None),
 }
+# WithProjection: a CLIPTextModel config names a checkpoint without text_projection.weight.
+_INERT_KEYS_WITH_PROJECTION = {**_INERT_KEYS, "architectures": (None, ["CLIPTextModelWithProjection"])}
 
 
 @flax.struct.dataclass
 class CLIPTextOutput:
     """`last_hidden_state` (batch, seq, hidden) after the final LayerNorm; `pooler_output` (batch, hidden)
-    is its row at the end-of-text token."""
+    is its row at the end-of-text token; `hidden_states` (only with output_hidden_states=True, else None):
+    num_hidden_layers + 1 arrays (batch, seq, hidden), the embeddings' output then each layer's."""
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+@flax.struct.dataclass
+class CLIPTextProjectionOutput:
+    """transformers' `CLIPTextModelOutput`: `text_embeds` (batch, projection_dim) is the projected pooled
+    output; `last_hidden_state` and `hidden_states` as in `CLIPTextOutput`."""
+
+    text_embeds: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
 
 
 def _dense(features: int, std: float, dtype, name: str) -> nn.Dense:
@@ -177,23 +196,27 @@ class FlaxCLIPEncoderLayer(nn.Module):
 
 
 class FlaxCLIPLayerCollection(nn.Module):
-    """Holds the layers as children named "0", "1", ... (transformers' Flax naming: `layers/0`)."""
+    """Holds the layers as children named "0", "1", ... (transformers' Flax naming: `layers/0`).
+    Returns (last layer's output, (its input, every layer's output) or None)."""
 
     config: _TextSettings
 
     @nn.compact
-    def __call__(self, hidden_states, padding_mask=None, train: bool = False):
+    def __call__(self, hidden_states, padding_mask=None, train: bool = False, output_hidden_states: bool = False):
+        all_states = [hidden_states]
         for i in range(self.config.num_hidden_layers):
             hidden_states = FlaxCLIPEncoderLayer(self.config, name=str(i))(hidden_states, padding_mask, train)
-        return hidden_states
+            all_states.append(hidden_states)
+        return hidden_states, (tuple(all_states) if output_hidden_states else None)
 
 
 class FlaxCLIPEncoder(nn.Module):
     config: _TextSettings
 
     @nn.compact
-    def __call__(self, hidden_states, padding_mask=None, train: bool = False):
-        return FlaxCLIPLayerCollection(self.config, name="layers")(hidden_states, padding_mask, train)
+    def __call__(self, hidden_states, padding_mask=None, train: bool = False, output_hidden_states: bool = False):
+        return FlaxCLIPLayerCollection(self.config, name="layers")(hidden_states, padding_mask, train,
+                                                                   output_hidden_states)
 
 
 class FlaxCLIPTextEmbeddings(nn.Module):
@@ -215,8 +238,9 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
     `dtype` is the computation dtype (parameters stay float32); `attention` is passed to
     `jax.nn.dot_product_attention(implementation=...)` (None / 'xla' / 'cudnn').
 
-    `apply({'params': params}, input_ids, attention_mask=None, position_ids=None, train=False)` ->
-    `CLIPTextOutput` (or the tuple (last_hidden_state, pooler_output) with `return_dict=False`).
+    `apply({'params': params}, input_ids, attention_mask=None, position_ids=None, train=False,
+    output_hidden_states=False)` -> `CLIPTextOutput` (or, with `return_dict=False`, the tuple
+    (last_hidden_state, pooler_output), plus hidden_states when asked for, as transformers' to_tuple).
     `attention_dropout` is applied only with `train=True` (needs a 'dropout' rng)."""
 
     vocab_size: int = 49408
@@ -278,15 +302,56 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
     def dummy_inputs(self) -> tuple:
         return (jnp.zeros((1, self.max_position_embeddings), jnp.int32),)
 
+    def text_settings(self) -> _TextSettings:
+        return _TextSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(_TextSettings)})
+
     # -- forward ------------------------------------------------------------------------------
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, train: bool = False,
-                 return_dict: bool = True):
+                 return_dict: bool = True, output_hidden_states: bool = False):
         self.validate()
-        settings = _TextSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(_TextSettings)})
-        return FlaxCLIPTextTransformer(settings, name="text_model")(
-            input_ids, attention_mask, position_ids, train, return_dict)
+        out = FlaxCLIPTextTransformer(self.text_settings(), name="text_model")(
+            input_ids, attention_mask, position_ids, train, output_hidden_states)
+        if not return_dict:
+            return (out.last_hidden_state, out.pooler_output) + ((out.hidden_states,) if output_hidden_states else ())
+        return out
+
+
+class FlaxCLIPTextModelWithProjection(FlaxCLIPTextModel):
+    """transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`): `FlaxCLIPTextModel` plus
+    `text_projection`, a Dense (hidden_size -> projection_dim) without bias applied to the pooled output.
+
+    `apply({'params': params}, input_ids, attention_mask=None, position_ids=None, train=False,
+    output_hidden_states=False)` -> `CLIPTextProjectionOutput` (or, with `return_dict=False`, the tuple
+    (text_embeds, last_hidden_state), plus hidden_states when asked for). The tensor keys are
+    `text_model.*` and `text_projection.weight`, in transformers 4.x and 5 files alike."""
+
+    model_name = "CLIP text encoder with projection"
+    config_off = _INERT_KEYS_WITH_PROJECTION
+    config_extra = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
+                    "dtype": "float32"}
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, int) \
+                or self.projection_dim <= 0:
+            raise ModelError(f"CLIP text encoder with projection config has projection_dim={self.projection_dim!r}; "
+                             "a positive integer is needed")
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, train: bool = False,
+                 return_dict: bool = True, output_hidden_states: bool = False):
+        self.validate()
+        out = FlaxCLIPTextTransformer(self.text_settings(), name="text_model")(
+            input_ids, attention_mask, position_ids, train, output_hidden_states)
+        init = nn.initializers.normal(self.hidden_size ** -0.5 * self.initializer_factor)
+        text_embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                               kernel_init=init, name="text_projection")(out.pooler_output)
+        if not return_dict:
+            return (text_embeds, out.last_hidden_state) + ((out.hidden_states,) if output_hidden_states else ())
+        return CLIPTextProjectionOutput(text_embeds=text_embeds, last_hidden_state=out.last_hidden_state,
+                                        hidden_states=out.hidden_states)
 
 
 class FlaxCLIPTextTransformer(nn.Module):
@@ -296,7 +361,7 @@ class FlaxCLIPTextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, train: bool = False,
-                 return_dict: bool = True):
+                 output_hidden_states: bool = False) -> CLIPTextOutput:
         c = self.config
         input_ids = jnp.asarray(input_ids)
         seq = input_ids.shape[-1]
@@ -312,7 +377,8 @@ class FlaxCLIPTextTransformer(nn.Module):
             # (B, S) with 1 = attend -> (B, 1, 1, S) boolean, broadcast over heads and queries.
             padding_mask = jnp.asarray(attention_mask).reshape(-1, seq).astype(bool)[:, None, None, :]
 
-        hidden_states = FlaxCLIPEncoder(c, name="encoder")(hidden_states, padding_mask, train)
+        hidden_states, all_states = FlaxCLIPEncoder(c, name="encoder")(hidden_states, padding_mask, train,
+                                                                       output_hidden_states)
         last_hidden_state = _layer_norm(c.layer_norm_eps, c.dtype, "final_layer_norm")(hidden_states)
 
         if c.eos_token_id == 2:
@@ -323,7 +389,4 @@ class FlaxCLIPTextTransformer(nn.Module):
             # First position holding eos_token_id (0 when there is none, as transformers).
             eos_index = jnp.argmax((input_ids == c.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = jnp.take_along_axis(last_hidden_state, eos_index[:, None, None], axis=1)[:, 0]
-
-        if not return_dict:
-            return last_hidden_state, pooled
-        return CLIPTextOutput(last_hidden_state=last_hidden_state, pooler_output=pooled)
+        return CLIPTextOutput(last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states)
