@@ -21,6 +21,18 @@ TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32, attention_head_dim=8,
                  norm_num_groups=32)
+# SDXL-shaped (as stabilityai/stable-diffusion-xl-base-1.0, scaled down): no attention in the first block, per-block
+# head counts and transformer depths, linear projections, a context of two text encoders' hidden states (32 + 16)
+# and the text_time conditioning: a pooled text embedding of TINY_SDXL_POOLED_DIM features and SDXL's 6 time
+# ids of addition_time_embed_dim sinusoids each.
+TINY_SDXL_POOLED_DIM = 16
+TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                      block_out_channels=[32, 64, 64],
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      transformer_layers_per_block=[1, 1, 2], attention_head_dim=[1, 2, 4], cross_attention_dim=48,
+                      use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time",
+                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + TINY_SDXL_POOLED_DIM)
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[32, 64],
                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
                 norm_num_groups=32)

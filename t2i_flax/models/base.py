@@ -1,9 +1,10 @@
 """`from_pretrained` / `save_pretrained` and the config handling shared by our Flax models (the API of the
 removed diffusers/transformers Flax classes): `Model.from_pretrained(path_or_repo_id, subfolder=...) -> (module, params)`.
 
-A model class provides `dummy_inputs()`, optionally `validate()`, and the class attributes `weights_name`,
-`legacy_weights_name`, `config_name`, `model_name` (in error messages), `config_off`, `config_ignored`
-and `config_extra` (see `PretrainedMixin`); its dataclass fields (but `dtype`, `attention`) are its config keys."""
+A model class provides `dummy_inputs()`, optionally `dummy_kwargs()` and `validate()`, and the class attributes
+`weights_name`, `legacy_weights_name`, `config_name`, `model_name` (in error messages), `config_off`,
+`config_ignored` and `config_extra` (see `PretrainedMixin`); its dataclass fields (but `dtype`, `attention`)
+are its config keys."""
 from __future__ import annotations
 
 import copy
@@ -137,7 +138,11 @@ class PretrainedMixin:
     def init_params(self, rng):
         """Random initial parameters (for tests and the demo's tiny model; never used to load weights)."""
         rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1), "gaussian": jax.random.fold_in(rng, 2)}
-        return self.init(rngs, *self.dummy_inputs())["params"]
+        return self.init(rngs, *self.dummy_inputs(), **self.dummy_kwargs())["params"]
+
+    def dummy_kwargs(self) -> dict:
+        """Hook: keyword arguments of ``__call__`` that ``init`` needs besides ``dummy_inputs()``."""
+        return {}
 
     def save_pretrained(self, save_directory: str, params, variant: str | None = None) -> None:
         """Writes config.json and safetensors with PyTorch names and layouts (diffusers/transformers load it)."""

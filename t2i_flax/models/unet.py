@@ -1,13 +1,17 @@
-"""Stable Diffusion 1.x / 2.x conditional UNet in flax.linen, numerically equal to diffusers'
+"""Stable Diffusion 1.x / 2.x / XL conditional UNet in flax.linen, numerically equal to diffusers'
 PyTorch ``UNet2DConditionModel`` (diffusers 0.42) and parameter-compatible with the legacy diffusers
 Flax checkpoints (``diffusion_flax_model.msgpack``).
+
+SDXL: per-layer transformer depths (``transformer_layers_per_block`` lists of lists with
+``reverse_transformer_layers_per_block``) and the ``text_time`` added conditioning (pooled text
+embedding and size/crop time ids, passed as ``added_cond_kwargs``).
 
 API: NCHW in and out (as diffusers); convolutions run NHWC inside.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -31,6 +35,18 @@ def _per_block(value, n: int, name: str) -> tuple:
             raise ModelError(f"UNet2DConditionModel config {name}={list(value)!r} must have one entry per block ({n})")
         return tuple(value)
     return (value,) * n
+
+
+def _layer_depths(entry, n_layers: int, name: str) -> tuple[int, ...]:
+    """One block's transformer depths, one per layer: an int for all its layers, or a list with a depth per
+    layer (diffusers reads the first ``n_layers`` entries)."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return (entry,) * n_layers
+    if (isinstance(entry, (list, tuple)) and len(entry) >= n_layers
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in entry)):
+        return tuple(entry[:n_layers])
+    raise ModelError(f"UNet2DConditionModel config {name} entry {_jsonable(entry)!r} is not supported by t2i_flax: "
+                     f"it needs an int or a list of at least {n_layers} ints (one per layer of that block)")
 
 
 def broadcast_timesteps(timesteps, batch: int):
@@ -80,7 +96,7 @@ class _UNetBlock(nn.Module):
     temb_channels: int = 1280  # width of the time embedding fed to every resnet
     # cross-attention blocks only
     num_attention_heads: int = 8
-    transformer_layers: int = 1  # transformer blocks in each attentions_N
+    transformer_layers: Any = 1  # transformer blocks in attentions_N: an int for all N, or one int per N
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
@@ -94,20 +110,21 @@ class _UNetBlock(nn.Module):
             name=name,
         )
 
-    def transformer(self, name: str):
+    def transformer(self, index: int):
         # the UNet's transformers run without dropout (diffusers does not pass the config's dropout)
+        depth = self.transformer_layers
         return FlaxTransformer2DModel(
             in_channels=self.out_channels,
             n_heads=self.num_attention_heads,
             d_head=self.out_channels // self.num_attention_heads,
-            depth=self.transformer_layers,
+            depth=depth[index] if isinstance(depth, tuple) else depth,
             use_linear_projection=self.use_linear_projection,
             only_cross_attention=self.only_cross_attention,
             upcast_attention=self.upcast_attention,
             norm_num_groups=self.resnet_groups,
             attention=self.attention,
             dtype=self.dtype,
-            name=name,
+            name=f"attentions_{index}",
         )
 
 
@@ -125,8 +142,7 @@ class FlaxDownBlock2D(_UNetBlock):
         for i in range(self.num_layers):
             hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
             if self.has_attention:
-                hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
-                                                                       deterministic=deterministic)
+                hidden_states = self.transformer(i)(hidden_states, encoder_hidden_states, deterministic=deterministic)
             output_states += (hidden_states,)
         if self.add_downsample:
             hidden_states = FlaxDownsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
@@ -145,8 +161,7 @@ class FlaxUNetMidBlock2DCrossAttn(_UNetBlock):
         hidden_states = self.resnet("resnets_0", self.output_scale_factor)(hidden_states, temb,
                                                                            deterministic=deterministic)
         for i in range(self.num_layers):
-            hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
-                                                                   deterministic=deterministic)
+            hidden_states = self.transformer(i)(hidden_states, encoder_hidden_states, deterministic=deterministic)
             hidden_states = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(
                 hidden_states, temb, deterministic=deterministic)
         return hidden_states
@@ -167,8 +182,7 @@ class FlaxUpBlock2D(_UNetBlock):
             hidden_states = jnp.concatenate([hidden_states, res_hidden_states], axis=-1)
             hidden_states = self.resnet(f"resnets_{i}")(hidden_states, temb, deterministic=deterministic)
             if self.has_attention:
-                hidden_states = self.transformer(f"attentions_{i}")(hidden_states, encoder_hidden_states,
-                                                                       deterministic=deterministic)
+                hidden_states = self.transformer(i)(hidden_states, encoder_hidden_states, deterministic=deterministic)
         if self.add_upsample:
             hidden_states = FlaxUpsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(
                 hidden_states, upsample_size)
@@ -205,12 +219,9 @@ _UNET_OFF = {
     "encoder_hid_dim_type": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
-    "addition_embed_type_num_heads": lambda v: isinstance(v, int),  # used only by addition_embed_type
+    "addition_embed_type_num_heads": lambda v: isinstance(v, int),  # used only by addition_embed_type "text"
     "resnet_time_scale_shift": ("default",),
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
@@ -218,7 +229,6 @@ _UNET_OFF = {
     "time_cond_proj_dim": (None,),
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
-    "reverse_transformer_layers_per_block": (None,),
     # read only by block types that are not supported here (ResnetDownsampleBlock2D, SimpleCrossAttn...):
     # any value leaves these blocks unchanged
     "resnet_out_scale_factor": lambda v: isinstance(v, (int, float)),
@@ -238,10 +248,7 @@ _UNET_OFF_DEFAULTS = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
-    "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False,
     "addition_embed_type_num_heads": 64,
     "resnet_time_scale_shift": "default",
@@ -253,16 +260,22 @@ _UNET_OFF_DEFAULTS = {
     "time_cond_proj_dim": None,
     "attention_type": "default",
     "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None,
     "mid_block_only_cross_attention": None,
 }
 
 
-class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
-    """Conditional UNet of Stable Diffusion 1.x/2.x. Fields are diffusers' config keys.
+ADDITION_EMBED_TYPES = (None, "text_time")
+SDXL_TIME_IDS = 6  # (original height, width, crop top, left, target height, width) of SDXL base
 
-    ``__call__(sample (B, C, H, W), timesteps, encoder_hidden_states (B, L, D), train=False)``.
-    ``timesteps``: python int/float, numpy or jax array, 0-d or 1-d (length 1 or B). With ``train``
+
+class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
+    """Conditional UNet of Stable Diffusion 1.x/2.x/XL. Fields are diffusers' config keys.
+
+    ``__call__(sample (B, C, H, W), timesteps, encoder_hidden_states (B, L, D), train=False,
+    added_cond_kwargs=None)``. ``timesteps``: python int/float, numpy or jax array, 0-d or 1-d (length 1
+    or B). ``added_cond_kwargs`` (keyword only; required with ``addition_embed_type='text_time'``, SDXL,
+    ignored otherwise): ``{"text_embeds": (B, D) pooled text embedding, "time_ids": (B, N)}`` with
+    D + N * ``addition_time_embed_dim`` == ``projection_class_embeddings_input_dim``. With ``train``
     and ``dropout > 0`` pass ``rngs={'dropout': key}``. ``dtype`` is the compute dtype (parameters
     stay float32); ``attention`` picks the ``jax.nn.dot_product_attention`` implementation.
     """
@@ -285,7 +298,8 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: Any = 1280
-    transformer_layers_per_block: Any = 1
+    transformer_layers_per_block: Any = 1  # an int, one per block, or per block a list with one per layer
+    reverse_transformer_layers_per_block: Any = None  # the up blocks' (one entry per up block), when given
     attention_head_dim: Any = 8
     num_attention_heads: Any = None
     use_linear_projection: bool = False
@@ -293,6 +307,9 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     dtype: jnp.dtype = jnp.float32
     attention: str | None = None
 
@@ -323,15 +340,59 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         if self.norm_num_groups is None:
             raise ModelError("UNet2DConditionModel config norm_num_groups=None is not supported by t2i_flax")
         check_implementation(self.attention)
-        tlpb = self.transformer_layers_per_block
-        if any(not isinstance(d, int) for d in (tlpb if isinstance(tlpb, (list, tuple)) else (tlpb,))):
-            raise ModelError(
-                f"UNet2DConditionModel config transformer_layers_per_block={_jsonable(tlpb)!r} (per-layer depths, "
-                "SDXL style) is not supported by t2i_flax; use one int per block"
-            )
-        for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim",
-                     "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+        for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+                     "num_attention_heads"):
             _per_block(getattr(self, name), n, name)
+        self.transformer_depths()
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ModelError(
+                f"UNet2DConditionModel config addition_embed_type={self.addition_embed_type!r} is not supported by "
+                f"t2i_flax (supported: None or 'text_time')"
+            )
+        if self.addition_embed_type == "text_time" and not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0
+                for v in (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)):
+            raise ModelError(
+                "UNet2DConditionModel config addition_embed_type='text_time' with "
+                f"addition_time_embed_dim={self.addition_time_embed_dim!r} and projection_class_embeddings_input_dim="
+                f"{self.projection_class_embeddings_input_dim!r} is not supported: it needs positive ints for both"
+            )
+
+    def transformer_depths(self) -> tuple[tuple[tuple[int, ...], ...], int | None, tuple[tuple[int, ...], ...]]:
+        """Transformer blocks in each ``attentions_N``, as diffusers reads ``transformer_layers_per_block`` and
+        ``reverse_transformer_layers_per_block``: (per down block one depth per layer, the mid block's depth
+        (None without one), per up block one depth per layer); blocks without attention get (). The up blocks
+        (one layer more than their down block) take ``reverse_transformer_layers_per_block`` when given, else
+        the down blocks' entries reversed; the mid block takes the first depth of the last down block's entry."""
+        n = len(self.down_block_types)
+        layers = _per_block(self.layers_per_block, n, "layers_per_block")
+        down = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is None:
+            if any(isinstance(entry, (list, tuple)) for entry in down):
+                raise ModelError(
+                    "UNet2DConditionModel config transformer_layers_per_block="
+                    f"{_jsonable(self.transformer_layers_per_block)!r} (per-layer depths) without "
+                    "reverse_transformer_layers_per_block is not supported (diffusers refuses it too)"
+                )
+            up = down[::-1]
+        elif isinstance(reverse, (list, tuple)):
+            up = _per_block(reverse, n, "reverse_transformer_layers_per_block")
+        else:
+            raise ModelError(f"UNet2DConditionModel config reverse_transformer_layers_per_block={reverse!r} is not "
+                             f"supported by t2i_flax: it needs a list with one entry per up block ({n})")
+        down_depths = tuple(
+            _layer_depths(down[i], layers[i], "transformer_layers_per_block")
+            if _block_type("down_block_types", t, DOWN_BLOCK_TYPES) == "CrossAttnDownBlock2D" else ()
+            for i, t in enumerate(self.down_block_types))
+        mid_depth = (_layer_depths(down[-1], 1, "transformer_layers_per_block")[0]
+                     if self.mid_block_type is not None else None)
+        up_depths = tuple(
+            _layer_depths(up[i], layers[::-1][i] + 1, "reverse_transformer_layers_per_block"
+                          if reverse is not None else "transformer_layers_per_block")
+            if _block_type("up_block_types", t, UP_BLOCK_TYPES) == "CrossAttnUpBlock2D" else ()
+            for i, t in enumerate(self.up_block_types))
+        return down_depths, mid_depth, up_depths
 
     def heads_per_block(self) -> tuple[int, ...]:
         """Attention heads per down block (diffusers: ``attention_head_dim`` is the head COUNT when
@@ -359,9 +420,47 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         encoder_hidden_states = jnp.zeros((1, 1, cross), jnp.float32)
         return sample, timesteps, encoder_hidden_states
 
+    def dummy_kwargs(self) -> dict:
+        """``added_cond_kwargs`` for ``init``/``jax.eval_shape`` with ``text_time``: SDXL's 6 time ids (fewer
+        when the projection is too narrow for them), the pooled text embedding the rest of the projection."""
+        if self.addition_embed_type != "text_time":
+            return {}
+        n_ids = min(SDXL_TIME_IDS, self.projection_class_embeddings_input_dim // self.addition_time_embed_dim)
+        text_dim = self.projection_class_embeddings_input_dim - n_ids * self.addition_time_embed_dim
+        return {"added_cond_kwargs": {"text_embeds": jnp.zeros((1, text_dim), jnp.float32),
+                                      "time_ids": jnp.zeros((1, n_ids), jnp.float32)}}
+
+    def text_time_input(self, added_cond_kwargs, batch: int):
+        """diffusers' ``text_time`` input of ``add_embedding``: [text_embeds, sinusoids of each time id
+        (``add_time_proj``)], (B, projection_class_embeddings_input_dim), float32."""
+        if not isinstance(added_cond_kwargs, Mapping) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            given = "None" if added_cond_kwargs is None else (
+                f"keys {sorted(added_cond_kwargs)}" if isinstance(added_cond_kwargs, Mapping)
+                else type(added_cond_kwargs).__name__)
+            raise ValueError(
+                "UNet2DConditionModel config has addition_embed_type='text_time' (SDXL): pass "
+                "added_cond_kwargs={'text_embeds': (B, D) pooled text embedding, 'time_ids': (B, N)} "
+                f"(given: {given})"
+            )
+        text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+        time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+        width = self.projection_class_embeddings_input_dim
+        dim = self.addition_time_embed_dim
+        if (text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != batch
+                or time_ids.shape[0] != batch or text_embeds.shape[1] + time_ids.shape[1] * dim != width):
+            raise ValueError(
+                f"added_cond_kwargs text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} do "
+                f"not fit a batch of {batch}: they need shapes (B, D) and (B, N) with D + N * "
+                f"{dim} (addition_time_embed_dim) == {width} (projection_class_embeddings_input_dim)"
+            )
+        time_embeds = get_timestep_embedding(time_ids.reshape(-1), dim, self.flip_sin_to_cos, self.freq_shift)
+        time_embeds = time_embeds.reshape(batch, -1)
+        return jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+
     # ------------------------------------------------------------------ network
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False, return_dict: bool = True):
+    def __call__(self, sample, timesteps, encoder_hidden_states, train: bool = False, return_dict: bool = True, *,
+                 added_cond_kwargs=None):
         self.validate()
         deterministic = not train
         n_blocks = len(self.block_out_channels)
@@ -369,7 +468,7 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         heads = self.heads_per_block()
         only_cross = _per_block(self.only_cross_attention, n_blocks, "only_cross_attention")
         layers = _per_block(self.layers_per_block, n_blocks, "layers_per_block")
-        transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks, "transformer_layers_per_block")
+        down_depths, mid_depth, up_depths = self.transformer_depths()
         time_embed_dim = self.time_embedding_dim or boc[0] * 4
         common = dict(dropout=self.dropout, resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps,
                       temb_channels=time_embed_dim, dtype=self.dtype)
@@ -384,6 +483,10 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         t_emb = get_timestep_embedding(timesteps, boc[0], self.flip_sin_to_cos, self.freq_shift)
         emb = FlaxTimestepEmbedding(time_embed_dim, dtype=self.dtype,
                                     name="time_embedding")(t_emb.astype(self.dtype))
+        if self.addition_embed_type == "text_time":  # SDXL: + pooled text embedding and size/crop conditioning
+            add_input = self.text_time_input(added_cond_kwargs, batch)
+            emb = emb + FlaxTimestepEmbedding(time_embed_dim, dtype=self.dtype, name="add_embedding")(
+                add_input.astype(self.dtype))
 
         # 2. pre-process: NCHW -> NHWC
         if self.center_input_sample:
@@ -400,7 +503,7 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
             sample, skips = FlaxDownBlock2D(
                 out_channels=boc[i], num_layers=layers[i], has_attention=block_type == "CrossAttnDownBlock2D",
                 add_downsample=i < n_blocks - 1, downsample_padding=self.downsample_padding,
-                num_attention_heads=heads[i], transformer_layers=transformer_layers[i],
+                num_attention_heads=heads[i], transformer_layers=down_depths[i],
                 only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **attn_common, **common,
             )(sample, emb, encoder_hidden_states, deterministic=deterministic)
             res_samples += skips
@@ -408,13 +511,13 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
         # 4. mid
         if self.mid_block_type is not None:
             sample = FlaxUNetMidBlock2DCrossAttn(
-                out_channels=boc[-1], num_attention_heads=heads[-1], transformer_layers=transformer_layers[-1],
+                out_channels=boc[-1], num_attention_heads=heads[-1], transformer_layers=mid_depth,
                 output_scale_factor=self.mid_block_scale_factor, name="mid_block", **attn_common, **common,
             )(sample, emb, encoder_hidden_states, deterministic=deterministic)
 
         # 5. up (skip states consumed from the end; explicit output sizes when H, W are not multiples of 2^n)
         rev_heads, rev_layers = heads[::-1], layers[::-1]
-        rev_only_cross, rev_transformer_layers = only_cross[::-1], transformer_layers[::-1]
+        rev_only_cross = only_cross[::-1]
         for i, block_type in enumerate(self.up_block_types):
             block_type = _block_type("up_block_types", block_type, UP_BLOCK_TYPES)
             n_res = rev_layers[i] + 1
@@ -424,7 +527,7 @@ class FlaxUNet2DConditionModel(PretrainedMixin, nn.Module):
             sample = FlaxUpBlock2D(
                 out_channels=boc[::-1][i], num_layers=n_res, has_attention=block_type == "CrossAttnUpBlock2D",
                 add_upsample=not is_final, num_attention_heads=rev_heads[i],
-                transformer_layers=rev_transformer_layers[i], only_cross_attention=rev_only_cross[i],
+                transformer_layers=up_depths[i], only_cross_attention=rev_only_cross[i],
                 name=f"up_blocks_{i}", **attn_common, **common,
             )(sample, skips, emb, encoder_hidden_states, upsample_size, deterministic=deterministic)
 
