@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train_text_to_image_flax.py",
-        description="Fine-tune a Stable Diffusion (1.x/2.x) model on captioned images with JAX/Flax.")
+        description="Fine-tune a Stable Diffusion (1.x/2.x or XL) model on captioned images with JAX/Flax.")
     a = p.add_argument
     a("--pretrained_model_name_or_path", type=str, required=True,
       help="Hub repo id or local diffusers pipeline folder.")
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--variant", type=str, default=None, help="Weight file variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).")
     a("--from_pt", action="store_true", help="Accepted for compatibility; t2i_flax always reads safetensors directly.")
     a("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    a("--pretrained_vae_model_name_or_path", type=str, default=None,
+      help="A VAE (folder or Hub id) to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix.")
     # data
     a("--dataset_name", type=str, default=None, help="datasets name (Hub) or local dataset path.")
     a("--dataset_config_name", type=str, default=None)
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, default=512)
     a("--center_crop", action="store_true", help="Center crop (default: random crop).")
     a("--random_flip", action="store_true")
+    a("--proportion_empty_prompts", type=float, default=0.0,
+      help="Fraction of captions replaced by an empty one (so that guidance has an unconditional prediction).")
     a("--dataloader_num_workers", type=int, default=0, help="Decode worker processes (0: in the main process).")
     a("--cache_latents", action="store_true",
       help="Encode every image once (both flips with --random_flip); train from the stored VAE posteriors.")

@@ -21,7 +21,7 @@ POLYNOMIAL_END_LR = 1e-7
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 SECRET_FIELDS = ("hub_token",)
 # Compared as real paths on resume when they name existing local folders.
-PATH_FIELDS = ("pretrained_model_name_or_path", "dataset_name", "train_data_dir")
+PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir")
 
 
 def _positive(group, *names):
@@ -55,6 +55,7 @@ class ModelConfig:
     mixed_precision: str = "no"             # compute dtype; parameters stay float32
     prediction_type: str | None = None      # None: the model's scheduler config
     attention: str | None = None            # dot_product_attention implementation
+    pretrained_vae_model_name_or_path: str | None = None  # a VAE (folder or Hub id) replacing the pipeline's
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"from_pt", "cache_dir", "attention"})
 
     def __post_init__(self):
@@ -83,6 +84,7 @@ class DataConfig:
     dataloader_num_workers: int = 0
     cache_latents: bool = False             # encode every image once; the step reads the stored posterior
     latent_cache_dir: str | None = None     # default <output_dir>/latent_cache; shared storage on several hosts
+    proportion_empty_prompts: float = 0.0   # captions replaced by "" (drawn from each sample's random stream)
     # Cached latents give the online path's losses to float rounding: switching on resume is allowed.
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"dataloader_num_workers", "cache_latents", "latent_cache_dir"})
 
@@ -96,6 +98,8 @@ class DataConfig:
         if self.cache_latents and not self.center_crop:
             raise FlagError("--cache_latents needs --center_crop: a random crop is another image every time and "
                             "cannot be cached (flips can: both are stored)")
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise FlagError(f"--proportion_empty_prompts {self.proportion_empty_prompts} must be between 0 and 1")
 
     def check_paths(self) -> None:
         # With --dataset_name, datasets reads --train_data_dir as a folder of that dataset (it need not be local).

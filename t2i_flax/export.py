@@ -27,14 +27,15 @@ def inference_scheduler_config(training_config: dict, prediction_type: str) -> d
 
 
 def model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
-        "requires_safety_checker": False,
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    """model_index.json of an SD 1.x/2.x pipeline."""
+    from t2i_flax.family import STABLE_DIFFUSION
+
+    return STABLE_DIFFUSION.model_index()
+
+
+def base_inference_scheduler_config(training_config: dict, prediction_type: str) -> dict:
+    """The base model's own scheduler (class and config), with the prediction type the model was trained for."""
+    return dict(training_config, prediction_type=prediction_type)
 
 
 def _write_json(path: str, content: dict) -> None:
@@ -43,19 +44,31 @@ def _write_json(path: str, content: dict) -> None:
 
 
 def export_pipeline(output_dir: str, components: dict, training_scheduler_config: dict, prediction_type: str,
-                    tokenizer_dir: str) -> None:
-    """`components`: {"unet"|"vae"|"text_encoder": (module, host params)}."""
+                    tokenizer_dir, family=None) -> None:
+    """`components`: {"unet"|"vae"|"text_encoder"[|"text_encoder_2"]: (module, host params)}; `tokenizer_dir`: the
+    base's tokenizer folder, or {folder name: path} for each tokenizer. `family`: family.StableDiffusion (default)
+    or StableDiffusionXL, which keeps the base model's scheduler."""
+    from t2i_flax.family import STABLE_DIFFUSION
+
+    family = family or STABLE_DIFFUSION
+    tokenizer_dirs = tokenizer_dir if isinstance(tokenizer_dir, dict) else {"tokenizer": tokenizer_dir}
     os.makedirs(output_dir, exist_ok=True)
     for name, (module, params) in components.items():
         module.save_pretrained(os.path.join(output_dir, name), params)
-    tokenizer_out = os.path.join(output_dir, "tokenizer")
-    if os.path.isdir(tokenizer_out):
-        shutil.rmtree(tokenizer_out)
-    shutil.copytree(tokenizer_dir, tokenizer_out)
+    for name, source in tokenizer_dirs.items():
+        tokenizer_out = os.path.join(output_dir, name)
+        if os.path.isdir(tokenizer_out):
+            shutil.rmtree(tokenizer_out)
+        shutil.copytree(source, tokenizer_out)
     os.makedirs(os.path.join(output_dir, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"),
-                inference_scheduler_config(training_scheduler_config, prediction_type))
-    _write_json(os.path.join(output_dir, "model_index.json"), model_index())
+    index = family.model_index()
+    if family.keeps_base_scheduler:
+        scheduler = base_inference_scheduler_config(training_scheduler_config, prediction_type)
+        index["scheduler"] = ["diffusers", scheduler.get("_class_name", index["scheduler"][1])]
+    else:
+        scheduler = inference_scheduler_config(training_scheduler_config, prediction_type)
+    _write_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"), scheduler)
+    _write_json(os.path.join(output_dir, "model_index.json"), index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +81,24 @@ class PipelineWriter:
     unet: object                     # the UNet module
     training_scheduler_config: dict
     prediction_type: str
+    family: object = None            # family.StableDiffusion (None) | family.StableDiffusionXL
+    vae_dir: str | None = None       # --pretrained_vae_model_name_or_path: the VAE trained with, exported with
 
     def write_pipeline(self, unet_params) -> None:
         """The pipeline folder with these UNet parameters (host arrays)."""
-        from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel
+        from t2i_flax.family import STABLE_DIFFUSION, text_encoder_class
+        from t2i_flax.models import FlaxAutoencoderKL
 
-        vae, vae_params = FlaxAutoencoderKL.from_pretrained(self.model_dir, subfolder="vae", variant=self.variant)
-        text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(self.model_dir, subfolder="text_encoder",
-                                                                      variant=self.variant)
-        export_pipeline(self.output_dir, {"unet": (self.unet, unet_params), "vae": (vae, vae_params),
-                                          "text_encoder": (text_encoder, text_params)},
-                        self.training_scheduler_config, self.prediction_type,
-                        os.path.join(self.model_dir, "tokenizer"))
+        family = self.family or STABLE_DIFFUSION
+        components = {"unet": (self.unet, unet_params),
+                      "vae": FlaxAutoencoderKL.from_pretrained(self.vae_dir or self.model_dir,
+                                                               subfolder=None if self.vae_dir else "vae",
+                                                               variant=self.variant)}
+        for name in family.text_encoders:
+            components[name] = text_encoder_class(name).from_pretrained(self.model_dir, subfolder=name,
+                                                                        variant=self.variant)
+        export_pipeline(self.output_dir, components, self.training_scheduler_config, self.prediction_type,
+                        {name: os.path.join(self.model_dir, name) for name in family.tokenizer_folders}, family)
 
     def base_unet_params(self):
         """The base model's UNet parameters (host, float32)."""
@@ -96,7 +115,8 @@ def push_to_hub(output_dir: str, repo_id: str | None, token: str | None) -> str:
     repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
     upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message="t2i_flax fine-tune",
                   allow_patterns=["model_index.json", "unet/*", "vae/*", "text_encoder/*", "tokenizer/*",
-                                  "scheduler/*", "README.md", "validation.png", "pytorch_lora_weights.safetensors"])
+                                  "text_encoder_2/*", "tokenizer_2/*", "scheduler/*", "README.md", "validation.png",
+                                  "pytorch_lora_weights.safetensors"])
     return repo_id
 
 
@@ -137,8 +157,11 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
     params = jax.device_get(checkpoints.restore(step, {item: abstract})[item])
     scheduler_config = read_scheduler_config(model_dir)
     prediction_type = schedule_from_config(scheduler_config, config.model.prediction_type).prediction_type
+    from t2i_flax.family import detect
+
     trained_kind.export(PipelineWriter(output_dir, model_dir, config.model.variant, unet, scheduler_config,
-                                       prediction_type), params)
+                                       prediction_type, detect(model_dir),
+                                       config.model.pretrained_vae_model_name_or_path), params)
     return "EMA" if item == checkpoint.ITEM_EMA else "raw"
 
 

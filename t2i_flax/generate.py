@@ -40,10 +40,19 @@ class Pipeline:
     """The loaded model: a Sampler on a mesh, its parameters placed there, the tokenizer and scheduler config."""
     sampler: Any  # diffusion.sample.Sampler
     params: dict  # diffusion.sample.sampler_params(...), on sampler.mesh
-    tokenizer: Any  # transformers.CLIPTokenizer
+    tokenizers: tuple  # one CLIPTokenizer per text encoder
     scheduler_config: dict
     model_dir: str
     lora: Any = None  # lora_files.LoraInfo of the applied LoRA file, if any
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    def token_ids(self, captions: list[str]):
+        """The sampler's prompt ids: an array (one tokenizer) or one array per tokenizer."""
+        ids = [tokenizer.tokenize_captions(each, captions)[0] for each in self.tokenizers]
+        return ids[0] if len(ids) == 1 else tuple(ids)
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -66,7 +75,7 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
     from t2i_flax import sharding
     from t2i_flax.diffusion import noise
     from t2i_flax.diffusion import sample
-    from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+    from t2i_flax.family import detect, force_zeros_for_empty_prompt
 
     if mixed_precision not in MIXED_PRECISION:
         raise errors.FlagError(f"--mixed_precision {mixed_precision!r} is not one of: {', '.join(MIXED_PRECISION)}")
@@ -74,19 +83,21 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
     dtype = jnp.bfloat16 if mixed_precision == "bf16" else jnp.float32
     model_dir = hub.resolve_model_dir(model, revision=revision, variant=variant, cache_dir=cache_dir)
     scheduler_config = noise.read_scheduler_config(model_dir)
-    clip_tokenizer = tokenizer.load_tokenizer(os.path.join(model_dir, "tokenizer"))
-    common = dict(variant=variant, dtype=dtype)
-    unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **common)
+    family = detect(model_dir)
+    tokenizers = family.tokenizers(model_dir)
+    modules, loaded = family.load(model_dir, dtype, variant=variant)
+    unet, unet_params = modules.unet, loaded["unet"]
     unet_fn, lora_info = None, None
     if lora is not None:  # the shapes of the loaded params are the abstract tree it is checked against
         lora_params, lora_info = lora_files.load_lora_weights(lora, unet_params)
         unet_params = lora_adapters.sampler_unet_params(unet_params, lora_params, lora_info.scale * lora_scale)
         unet_fn = lora_adapters.sampler_unet_fn(unet)
-    vae, vae_params = FlaxAutoencoderKL.from_pretrained(model_dir, subfolder="vae", **common)
-    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **common)
-    sampler = sample.Sampler(unet, vae, text_encoder, mesh if mesh is not None else sharding.make_mesh(), unet_fn)
-    params = sampler.place_params(sample.sampler_params(unet_params, text_params, vae_params))
-    return Pipeline(sampler, params, clip_tokenizer, scheduler_config, model_dir, lora_info)
+    sampler = sample.Sampler(unet, modules.vae, modules.text_encoder,
+                             mesh if mesh is not None else sharding.make_mesh(), unet_fn, modules.text_encoder_2,
+                             family, force_zeros_for_empty_prompt(model_dir, family))
+    params = sampler.place_params(sample.sampler_params(unet_params, loaded["text_encoder"], loaded["vae"],
+                                                        loaded.get("text_encoder_2")))
+    return Pipeline(sampler, params, tokenizers, scheduler_config, model_dir, lora_info)
 
 
 def check_lora_scale(lora: str | None, lora_scale: float) -> None:
@@ -112,6 +123,8 @@ def run_sampler(pipeline: Pipeline, prompts, negative_prompt=None, num_inference
     from t2i_flax.diffusion import sample, schedulers
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    # No negative prompt: SDXL conditions the unconditional half on zeros where the model asks for it.
+    zero_negative = negative_prompt is None and pipeline.sampler.force_zeros_for_empty_prompt
     negative = "" if negative_prompt is None else negative_prompt
     negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if not prompts or len(negative) != len(prompts):
@@ -132,8 +145,8 @@ def run_sampler(pipeline: Pipeline, prompts, negative_prompt=None, num_inference
             raise errors.FlagError(f"latents of shape {noise_BCHW.shape} do not match {latent_shape} "
                                    f"(prompts, channels, height / f, width / f)")
         noise_BCHW = np.stack(pad(list(noise_BCHW)))
-    prompt_ids_BL, _ = tokenizer.tokenize_captions(pipeline.tokenizer, pad(prompts))
-    negative_ids_BL, _ = tokenizer.tokenize_captions(pipeline.tokenizer, pad(negative))
+    prompt_ids_BL = pipeline.token_ids(pad(prompts))
+    negative_ids_BL = None if zero_negative else pipeline.token_ids(pad(negative))
     output = sampler(pipeline.params, prompt_ids_BL, negative_ids_BL, noise_BCHW, step_scheduler, guidance_scale,
                      output_type)
     if not output.is_fully_addressable:  # several hosts: every one gets all images

@@ -9,7 +9,7 @@ from t2i_flax.errors import ModelError, one_line
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 # What training needs of a pipeline repo (not safety_checker/, feature_extractor/, ...).
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 LEGACY_WEIGHT_FILES = ("diffusion_flax_model", "flax_model")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -223,10 +223,10 @@ def sampler_unet_params(base_params: Mapping, lora_params: Mapping, scale: float
 
 
 def sampler_unet_fn(unet: nn.Module) -> Callable:
-    """The Sampler's `unet_fn` hook: (sampler_unet_params(...), latents, timestep, context) -> noise_pred."""
-    def unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD):
+    """The Sampler's `unet_fn` hook: (sampler_unet_params(...), latents, timestep, context, **added) -> noise_pred."""
+    def unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD, **added):
         return apply_unet(unet, unet_params["base"], unet_params["lora"], unet_params["scale"], latents_NCHW,
-                          timestep, text_embeddings_NLD).sample
+                          timestep, text_embeddings_NLD, **added).sample
     return unet_fn
 
 

@@ -21,10 +21,12 @@ def settings_table(config, plan, trainable) -> dict:
 
 
 def write_model_card(output_dir: str, base_model: str, dataset: str, settings: dict, validation_grid: str | None,
-                     prompts: list[str], lora: bool = False, license_name: str = "other") -> str:
+                     prompts: list[str], lora: bool = False, license_name: str = "other",
+                     family_tags: tuple = ("stable-diffusion", "stable-diffusion-diffusers"),
+                     pipeline_class: str = "StableDiffusionPipeline") -> str:
     """README.md in diffusers' model card style: YAML front matter (base_model, license, tags), what it was
     trained on and how, the last validation grid, how to load it. Returns its path."""
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "t2i_flax", "jax-flax"]
+    tags = [*family_tags, "text-to-image", "diffusers", "t2i_flax", "jax-flax"]
     tags += ["lora"] if lora else []
     lines = ["---", f"base_model: {base_model}", f"license: {license_name}", "library_name: diffusers",
              "pipeline_tag: text-to-image", "tags:"] + [f"- {tag}" for tag in tags] + ["inference: true", "---", ""]
@@ -38,12 +40,12 @@ def write_model_card(output_dir: str, base_model: str, dataset: str, settings: d
                   "Prompts: " + "; ".join(f"`{p}`" for p in prompts), ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
-    lines += ["", "## How to use", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    lines += ["", "## How to use", "", "```python", "import torch", f"from diffusers import {pipeline_class}", ""]
     if lora:
-        lines += [f'pipeline = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)',
+        lines += [f'pipeline = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.float16)',
                   f'pipeline.load_lora_weights("{name}")']
     else:
-        lines += [f'pipeline = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.float16)']
+        lines += [f'pipeline = {pipeline_class}.from_pretrained("{name}", torch_dtype=torch.float16)']
     prompt = prompts[0] if prompts else "a photo"
     lines += ['pipeline = pipeline.to("cuda")', f'image = pipeline("{prompt}").images[0]', "```", "",
               "Or with JAX, without PyTorch:", "", "```bash",

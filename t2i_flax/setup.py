@@ -2,7 +2,7 @@
 weights loaded. The trainer (train.run), `python -m t2i_flax.aot` and bench/train_step.py all build it here, so
 they compile the same program.
 
-    base = setup.read_base_model(model_dir)     # the family, scheduler config and tokenizer (no weights)
+    base = setup.read_base_model(model_dir, config.model)  # family, scheduler config, tokenizers (no weights)
     plan = setup.Plan.make(config, device_count, local_device_count, num_examples, steps_per_epoch)
     built = setup.build(config, base, mesh, plan)
     built.state, built.frozen, built.batch       # sharded ShapeDtypeStructs: state, frozen models, global batch
@@ -64,18 +64,44 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class BaseModel:
     """The base model's folder as far as a setup needs it before any weights: what family it is, its training
-    noise schedule's config and its tokenizer."""
+    noise schedule's config and its tokenizers (one per text encoder)."""
     model_dir: str
-    family: object                # family.StableDiffusion
+    family: object                # family.StableDiffusion | family.StableDiffusionXL
     scheduler_config: dict
-    tokenizer: object
+    tokenizers: tuple
+    vae_dir: str | None = None    # --pretrained_vae_model_name_or_path: a VAE replacing the pipeline's
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @property
+    def tokenizer_2(self):
+        return self.tokenizers[1] if len(self.tokenizers) > 1 else None
+
+    def modules(self, model_config, dtype) -> families.Modules:
+        return self.family.modules(self.model_dir, dtype, variant=model_config.variant,
+                                   attention=model_config.attention, vae_dir=self.vae_dir)
+
+    def load(self, model_config, dtype, **which) -> tuple[families.Modules, dict]:
+        return self.family.load(self.model_dir, dtype, variant=model_config.variant, attention=model_config.attention,
+                                vae_dir=self.vae_dir, **which)
+
+    def loader_options(self) -> dict:
+        """What the data pipeline makes for this family (data.build_train_loader's keywords)."""
+        return {"tokenizer_2": self.tokenizer_2, "size_conditioning": self.family.size_conditioning}
 
 
-def read_base_model(model_dir: str) -> BaseModel:
-    """ModelError (one line) for a folder that is not a pipeline of a supported family."""
+def read_base_model(model_dir: str, model_config=None) -> BaseModel:
+    """ModelError (one line) for a folder that is not a pipeline of a supported family; the modules' configs are
+    checked too (before any data is read)."""
+    family = families.detect(model_dir)  # first: a folder of another kind is named as such
     scheduler_config = read_scheduler_config(model_dir)
-    family = families.detect(model_dir)
-    return BaseModel(model_dir, family, scheduler_config, family.tokenizer(model_dir))
+    vae_dir = getattr(model_config, "pretrained_vae_model_name_or_path", None)
+    base = BaseModel(model_dir, family, scheduler_config, family.tokenizers(model_dir), vae_dir)
+    if model_config is not None:
+        base.modules(model_config, jnp.float32)  # configs only: ModelError for what does not fit together
+    return base
 
 
 @dataclasses.dataclass
@@ -108,6 +134,10 @@ class TrainSetup:
     def text_encoder(self):
         return self.modules.text_encoder
 
+    @property
+    def family(self):
+        return self.base.family
+
     def train_step(self):
         """The jitted step (explicit shardings, the state donated)."""
         return step.compile_train_step(self.step_config, self.mesh, self.state_sharding, self.frozen_sharding)
@@ -119,7 +149,7 @@ class TrainSetup:
         """The step's frozen tree from the loaded host params ({component: tree}), in the compute dtype (as the
         PyTorch script casts the frozen models; with LoRA the UNet too)."""
         tree = step.frozen_params(None if self.config.data.cache_latents else params["vae"], params["text_encoder"],
-                                  self.trained.frozen_unet(params.get("unet")))
+                                  self.trained.frozen_unet(params.get("unet")), params.get("text_encoder_2"))
         return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), tree)
 
     def place_frozen(self, params: dict) -> dict:
@@ -131,10 +161,13 @@ class TrainSetup:
         return self.trained.sampler_unet(self.unet, step.exported_params(state), frozen)
 
 
-def abstract_batch(mesh, global_batch_size: int, resolution: int, max_length: int, vae, cache_latents: bool) -> dict:
-    """The global batch's ShapeDtypeStructs: images, or with --cache_latents the VAE posterior's moments."""
+def abstract_batch(mesh, global_batch_size: int, resolution: int, max_length, vae, cache_latents: bool,
+                   family=families.STABLE_DIFFUSION) -> dict:
+    """The global batch's ShapeDtypeStructs: images, or with --cache_latents the VAE posterior's moments, and what
+    the family's conditioning reads (token ids of each tokenizer: `max_length` an int or one per tokenizer)."""
     where = sharding.batch_sharding(mesh)
-    batch = {"input_ids": jax.ShapeDtypeStruct((global_batch_size, max_length), jnp.int32, sharding=where)}
+    max_lengths = tuple(max_length) if isinstance(max_length, (list, tuple)) else (max_length,)
+    batch = family.text_batch(global_batch_size, max_lengths, where)
     if cache_latents:
         factor = 2 ** (len(vae.block_out_channels) - 1)
         moments = jax.ShapeDtypeStruct((global_batch_size, vae.latent_channels, resolution // factor,
@@ -147,7 +180,7 @@ def abstract_batch(mesh, global_batch_size: int, resolution: int, max_length: in
 
 
 def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, noise_schedule: NoiseSchedule,
-                     trained) -> step.StepConfig:
+                     trained, family=families.STABLE_DIFFUSION) -> step.StepConfig:
     optimizer_config = config.optimizer
     schedule = optim.learning_rate_schedule(optimizer_config.lr_scheduler, plan.learning_rate,
                                             optimizer_config.lr_warmup_steps, plan.max_train_steps)
@@ -157,7 +190,8 @@ def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, n
     return step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder,
                            noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
-                           noise_offset=config.train.noise_offset, trainable=trained)
+                           noise_offset=config.train.noise_offset, trainable=trained, family=family,
+                           text_encoder_2=modules.text_encoder_2)
 
 
 def _placed(tree, shardings):
@@ -169,22 +203,24 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
     """The abstract setup of `config` on `mesh` (FlagError/ModelError, one line, for what does not fit together)."""
     noise_schedule = schedule_from_config(base.scheduler_config, config.model.prediction_type)
     dtype = COMPUTE_DTYPES[config.model.mixed_precision]
-    modules = base.family.modules(base.model_dir, config.model, dtype)
+    modules = base.modules(config.model, dtype)
     vae_factor = 2 ** (len(modules.vae.block_out_channels) - 1)
     if config.data.resolution % vae_factor:
         raise FlagError(f"--resolution {config.data.resolution} must be a multiple of {vae_factor} for this VAE")
     trained = trainable.from_config(config)
-    step_config = make_step_config(config, plan, modules, noise_schedule, trained)
+    step_config = make_step_config(config, plan, modules, noise_schedule, trained, base.family)
     abstract_state, state_sharding = step.state_shardings(step_config, mesh, trained.abstract_params(modules.unet),
                                                           config.train.seed)
     shapes = {"unet": modules.unet.abstract_params(), "vae": modules.vae.abstract_params(),
-              "text_encoder": modules.text_encoder.abstract_params()}
+              "text_encoder": modules.text_encoder.abstract_params(),
+              "text_encoder_2": modules.text_encoder_2.abstract_params() if modules.text_encoder_2 else None}
     frozen = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), step.frozen_params(
         None if config.data.cache_latents else shapes["vae"], shapes["text_encoder"],
-        trained.frozen_unet(shapes["unet"])))
+        trained.frozen_unet(shapes["unet"]), shapes["text_encoder_2"]))
     frozen_sharding = sharding.tree_shardings(mesh, frozen)
-    batch = abstract_batch(mesh, plan.global_batch_size, config.data.resolution, int(base.tokenizer.model_max_length),
-                           modules.vae, config.data.cache_latents)
+    batch = abstract_batch(mesh, plan.global_batch_size, config.data.resolution,
+                           tuple(int(t.model_max_length) for t in base.tokenizers), modules.vae,
+                           config.data.cache_latents, base.family)
     return TrainSetup(config, base, mesh, plan, modules, noise_schedule, dtype, trained, step_config,
                       _placed(abstract_state, state_sharding), state_sharding, _placed(frozen, frozen_sharding),
                       frozen_sharding, batch)

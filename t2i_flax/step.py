@@ -3,10 +3,11 @@
     train_step(state, frozen, batch) -> (state, metrics)
 
 VAE encode -> posterior sample x scaling_factor -> noise (+ offset) and timesteps -> add_noise ->
-frozen CLIP last hidden state -> UNet -> float32 MSE against the config's target (noise or velocity)
--> clip + AdamW -> EMA. Frozen VAE/CLIP parameters are arguments, not closed-over constants.
+the frozen text encoders' conditioning (the model family's: SD's CLIP last hidden state; SDXL's two penultimate
+states, pooled embedding and time ids) -> UNet -> float32 MSE against the config's target (noise or velocity)
+-> clip + AdamW -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over constants.
 
-The pieces (`draw_randomness`, `encode_latents`, `text_embeddings`, `diffusion_loss`, `loss_and_grads`,
+The pieces (`draw_randomness`, `encode_latents`, `conditioning`, `diffusion_loss`, `loss_and_grads`,
 `apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math."""
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from t2i_flax import sharding
+from t2i_flax.family import STABLE_DIFFUSION, Modules
 from t2i_flax.trainable import FULL_UNET
 from t2i_flax.diffusion.noise import NoiseSchedule
 
@@ -48,6 +50,12 @@ class StepConfig:
     noise_offset: float = 0.0
     # What the trained params are (t2i_flax/trainable.py): the UNet's own, or LoRA adapters on frozen["unet"].
     trainable: Any = FULL_UNET
+    family: Any = STABLE_DIFFUSION  # how the UNet is conditioned on the batch's captions (t2i_flax/family.py)
+    text_encoder_2: Any = None      # SDXL's second text encoder
+
+    @property
+    def modules(self) -> Modules:
+        return Modules(self.unet, self.vae, self.text_encoder, self.text_encoder_2)
 
 
 def init_state(config: StepConfig, params, seed: int) -> TrainState:
@@ -120,17 +128,25 @@ def encode_latents(config: StepConfig, frozen: dict, pixel_values, posterior_noi
 
 
 def text_embeddings(config: StepConfig, frozen: dict, input_ids):
-    """The frozen CLIP text encoder's last hidden state (B, L, D)."""
-    return config.text_encoder.apply({"params": frozen["text_encoder"]}, input_ids).last_hidden_state
+    """The frozen CLIP text encoder's last hidden state (B, L, D) (SD 1.x/2.x's conditioning)."""
+    return conditioning(config, frozen, {"input_ids": input_ids})[0]
 
 
-def predict(config: StepConfig, params, frozen: dict, noisy_latents, timesteps, encoder_hidden_states, dropout_key):
+def conditioning(config: StepConfig, frozen: dict, batch: dict):
+    """(the UNet's context (B, L, D), its added conditions or None) from the frozen text encoders (the family's)."""
+    return config.family.condition(config.modules, frozen, batch)
+
+
+def predict(config: StepConfig, params, frozen: dict, noisy_latents, timesteps, encoder_hidden_states, dropout_key,
+            added_cond_kwargs=None):
     """The UNet's output with the trained params: the UNet's own, or adapters on the frozen UNet."""
+    added = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     return config.trainable.apply_unet(config.unet, params, frozen, noisy_latents, timesteps, encoder_hidden_states,
-                                       train=True, rngs={"dropout": dropout_key}).sample
+                                       train=True, rngs={"dropout": dropout_key}, **added).sample
 
 
-def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hidden_states, randomness):
+def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hidden_states, randomness,
+                   added_cond_kwargs=None):
     """Float32 MSE between the UNet's prediction on the noised latents and the schedule's target."""
     schedule = config.noise_schedule
     noise, timesteps = randomness["noise"], randomness["timesteps"]
@@ -139,7 +155,7 @@ def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hi
     noisy_latents = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
     prediction = predict(config, params, frozen, noisy_latents, timesteps, encoder_hidden_states,
-                         randomness["dropout_key"])
+                         randomness["dropout_key"], added_cond_kwargs)
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
@@ -147,9 +163,9 @@ def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):
     """(loss, gradients w.r.t. the UNet params) of one batch with the step key `key`."""
     randomness = draw_randomness(key, batch_latent_shape(config, batch), config.noise_schedule.num_train_timesteps)
     latents = batch_latents(config, frozen, batch, randomness["posterior_noise"])
-    encoder_hidden_states = text_embeddings(config, frozen, batch["input_ids"])
+    encoder_hidden_states, added_cond_kwargs = conditioning(config, frozen, batch)
     return jax.value_and_grad(diffusion_loss, argnums=1)(config, params, frozen, latents, encoder_hidden_states,
-                                                         randomness)
+                                                         randomness, added_cond_kwargs)
 
 
 def apply_gradients(config: StepConfig, state: TrainState, grads) -> TrainState:
@@ -178,10 +194,12 @@ def state_shardings(config: StepConfig, mesh, params_shape, seed: int = 0):
 VAE_ENCODER_PARAMS = ("encoder", "quant_conv")
 
 
-def frozen_params(vae_params, text_params, unet_params=None) -> dict:
+def frozen_params(vae_params, text_params, unet_params=None, text_2_params=None) -> dict:
     """What the step reads of the frozen models: the VAE's encoder half (None: the latents are cached), the
-    text encoder, and with LoRA the UNet the adapters sit on."""
+    text encoder(s), and with LoRA the UNet the adapters sit on."""
     frozen = {"text_encoder": text_params}
+    if text_2_params is not None:
+        frozen["text_encoder_2"] = text_2_params
     if vae_params is not None:
         frozen["vae"] = {name: vae_params[name] for name in VAE_ENCODER_PARAMS}
     if unet_params is not None:

@@ -20,6 +20,7 @@ from t2i_flax import cached_latents, data, export, hub, model_card, resume, setu
 from t2i_flax.checkpoint import Checkpoints
 from t2i_flax.config import RunConfig
 from t2i_flax.errors import FlagError, OutputError, Stopped, TrainingFailed
+from t2i_flax.family import force_zeros_for_empty_prompt
 from t2i_flax.interrupt import StopRequest
 from t2i_flax.metrics import MetricsWriter, log
 from t2i_flax.validation import Validation
@@ -43,14 +44,15 @@ def run(config: RunConfig) -> None:
 
     # ---- base model: its configs, scheduler and tokenizer (the weights come after the data) -------
     model_dir = resolve_model_dir(config, saved_record)
-    base = setup.read_base_model(model_dir)
+    base = setup.read_base_model(model_dir, config.model)  # ModelError for an unsupported model, before the data
 
     # ---- input ------------------------------------------------------------------------------
     loader = data.build_train_loader(
         config.data, base.tokenizer, host_batch_size=config.train.train_batch_size * jax.local_device_count(),
         seed=config.train.seed, cache_dir=config.model.cache_dir,
         # Which records decode, kept with the run: a resumed or repeated run does not scan again.
-        scan_cache_path=os.path.join(output_config.output_dir, "data_scan.json"), write_scan_file=False)
+        scan_cache_path=os.path.join(output_config.output_dir, "data_scan.json"), write_scan_file=False,
+        **base.loader_options())
     plan = setup.Plan.make(config, jax.device_count(), jax.local_device_count(), loader.num_examples,
                            loader.steps_per_epoch)
     log(f"data: {plan.num_examples} examples, global batch {plan.global_batch_size}, {plan.steps_per_epoch} "
@@ -64,8 +66,7 @@ def run(config: RunConfig) -> None:
         log(built.trained.describe(built.unet))
 
     # ---- weights ----------------------------------------------------------------------------
-    _, params = base.family.load(model_dir, config.model, built.dtype,
-                                 unet=built.trained.needs_unet_weights(resuming=source is not None))
+    _, params = base.load(config.model, built.dtype, unet=built.trained.needs_unet_weights(resuming=source is not None))
     if config.data.cache_latents:  # the VAE encoder runs once per image here, never in the step
         loader = cached_latents.loader_over_cache(config, loader, built, params["vae"])
 
@@ -159,13 +160,15 @@ def run(config: RunConfig) -> None:
     trained = multihost_utils.process_allgather(step.exported_params(state), tiled=True)  # also FSDP-sharded
     if is_main:
         writer = export.PipelineWriter(output_config.output_dir, model_dir, config.model.variant, built.unet,
-                                       base.scheduler_config, built.noise_schedule.prediction_type)
+                                       base.scheduler_config, built.noise_schedule.prediction_type, base.family,
+                                       base.vae_dir)
         what = built.trained.export(writer, trained)
         model_card.write_model_card(output_config.output_dir, config.model.pretrained_model_name_or_path,
                                     config.data.dataset_name or config.data.train_data_dir,
                                     model_card.settings_table(config, plan, built.trained), validated.get(final_step),
                                     list(config.validation.validation_prompts), lora=built.trained.is_adapter,
-                                    license_name=model_card.base_model_license(model_dir))
+                                    license_name=model_card.base_model_license(model_dir),
+                                    family_tags=base.family.hub_tags, pipeline_class=base.family.pipeline_class)
         log(f"saved the {'EMA of the ' if config.train.use_ema else ''}{what} to "
             f"{os.path.abspath(output_config.output_dir)}")
         if output_config.push_to_hub:
@@ -257,7 +260,11 @@ def make_validation(config: RunConfig, built: setup.TrainSetup, frozen: dict, st
     validation = Validation(config.validation, built.mesh, built.unet, built.vae, built.text_encoder,
                             built.base.tokenizer, built.base.scheduler_config, frozen["text_encoder"], vae_params,
                             _abstract(unet_params), config.data.resolution, config.train.seed,
-                            config.output.output_dir, unet_fn=unet_fn)
+                            config.output.output_dir, unet_fn=unet_fn, text_encoder_2=built.modules.text_encoder_2,
+                            tokenizer_2=built.base.tokenizer_2, text_2_params=frozen.get("text_encoder_2"),
+                            family=built.family,
+                            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(built.base.model_dir,
+                                                                                      built.family))
     every = (f"{interval} steps (--validation_steps wins over --validation_epochs)"
              if config.validation.validation_steps else f"{config.validation.validation_epochs} epochs")
     log(f"validation: {len(config.validation.validation_prompts)} prompts x "

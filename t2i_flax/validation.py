@@ -28,10 +28,12 @@ LABEL_HEIGHT = 14  # pixels of prompt text above each row of the grid
 class Validation:
     def __init__(self, settings: ValidationConfig, mesh, unet, vae, text_encoder, clip_tokenizer,
                  scheduler_config: dict, text_params, vae_params, unet_params_abstract, resolution: int, seed: int,
-                 output_dir: str, unet_fn=None):
+                 output_dir: str, unet_fn=None, text_encoder_2=None, tokenizer_2=None, text_2_params=None,
+                 family=None, force_zeros_for_empty_prompt: bool = False):
         """`text_params`: the frozen text encoder as the step has it (on the mesh); `vae_params`: host VAE
         parameters (only the decoder half goes to the devices); `unet_params_abstract`: the shapes and
-        shardings of the UNet params the trainer will pass."""
+        shardings of the UNet params the trainer will pass. SDXL: its second text encoder, tokenizer and params,
+        and whether no negative prompt means zero conditioning (as its pipeline draws without one)."""
         self.settings, self.output_dir = settings, output_dir
         self.prompts = list(settings.validation_prompts)
         per_prompt = settings.num_validation_images
@@ -39,9 +41,13 @@ class Validation:
         batch = -(-count // mesh.size) * mesh.size  # padded to split over the devices; padding is dropped
         self.count, self.per_prompt = count, per_prompt
         prompts = [p for p in self.prompts for _ in range(per_prompt)] + [""] * (batch - count)
-        prompt_ids, _ = tokenize_captions(clip_tokenizer, prompts)
-        negative_ids, _ = tokenize_captions(clip_tokenizer, [""] * batch)
-        self.sampler = sample.Sampler(unet, vae, text_encoder, mesh, unet_fn)
+        tokenizers = [clip_tokenizer] + ([tokenizer_2] if tokenizer_2 is not None else [])
+        token_ids = lambda captions: [tokenize_captions(each, captions)[0] for each in tokenizers]  # noqa: E731
+        prompt_ids, negative_ids = token_ids(prompts), token_ids([""] * batch)
+        self.sampler = sample.Sampler(unet, vae, text_encoder, mesh, unet_fn, text_encoder_2, family,
+                                      force_zeros_for_empty_prompt)
+        zero_negative = self.sampler.zero_negative(settings.validation_guidance_scale > 1.0, None)
+        negative_ids = None if zero_negative else negative_ids
         self.scheduler = schedulers.make_scheduler(scheduler_config, settings.validation_num_inference_steps,
                                                    settings.validation_scheduler)
         noise = sample.initial_noise(seed, batch, self.sampler.latent_shape(batch, resolution, resolution)[1:])
@@ -49,27 +55,30 @@ class Validation:
         decoder = {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS}
         decoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), decoder)
         self.vae_params = jax.device_put(decoder, sharding.tree_shardings(mesh, decoder))
-        self.text_params = text_params
+        self.text_params, self.text_2_params = text_params, text_2_params
         guidance = settings.validation_guidance_scale > 1.0
-        abstract = sample.sampler_params(unet_params_abstract, _abstract(text_params), _abstract(self.vae_params))
+        abstract = sample.sampler_params(unet_params_abstract, _abstract(text_params), _abstract(self.vae_params),
+                                         None if text_2_params is None else _abstract(text_2_params))
         # Where the program takes each parameter (a host scalar such as LoRA's scale is placed explicitly).
         self.param_shardings = jax.tree_util.tree_map(lambda leaf, where: leaf.sharding or where, abstract,
                                                       sharding.tree_shardings(mesh, abstract))
         try:
             self.program = self.sampler.compile(abstract, self.scheduler, batch, resolution, resolution, guidance,
-                                                max_length=prompt_ids.shape[1])
+                                                max_length=[ids.shape[1] for ids in prompt_ids],
+                                                zero_negative=zero_negative)
         except jax.errors.JaxRuntimeError as error:  # a sampler that does not fit: before the first step
             if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
                 raise
             raise FlagError(f"the validation sampler does not fit device memory ({str(error).splitlines()[0][:200]}): "
                             f"lower --num_validation_images or use fewer --validation_prompts") from None
-        self.inputs = self.sampler.place_inputs(prompt_ids, negative_ids, noise, self.scheduler,
+        single = lambda ids: ids if ids is None or len(ids) > 1 else ids[0]  # noqa: E731
+        self.inputs = self.sampler.place_inputs(single(prompt_ids), single(negative_ids), noise, self.scheduler,
                                                 settings.validation_guidance_scale)
 
     def __call__(self, finished_steps: int, unet_params) -> tuple[str, np.ndarray]:
         """Draws the prompts with `unet_params`; writes the grid (process 0) and returns (path, grid)."""
-        params = jax.device_put(sample.sampler_params(unet_params, self.text_params, self.vae_params),
-                                self.param_shardings)
+        params = jax.device_put(sample.sampler_params(unet_params, self.text_params, self.vae_params,
+                                                      self.text_2_params), self.param_shardings)
         images = self.program(params, *self.inputs)
         images = multihost_utils.process_allgather(images, tiled=True)[: self.count]
         grid = labelled_grid(sample.to_uint8(images), self.prompts, self.per_prompt)

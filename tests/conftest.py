@@ -94,3 +94,36 @@ def fp16_variant_pipeline_dir(torch_pipeline_dir, tmp_path_factory):
         model = cls.from_pretrained(os.path.join(torch_pipeline_dir, name)).half()
         model.save_pretrained(os.path.join(folder, name), variant="fp16")
     return folder
+
+
+@pytest.fixture(scope="session")
+def torch_sdxl_pipeline_dir(tmp_path_factory):
+    """A tiny SDXL pipeline made with the PyTorch classes (tests/oracle.py)."""
+    from oracle import write_torch_sdxl_pipeline
+
+    return write_torch_sdxl_pipeline(str(tmp_path_factory.mktemp("torch-sdxl")))
+
+
+# (width, height) of the images of `sized_dataset_dir`: landscape, portrait and square, some needing no resize
+SIZES = ((40, 32), (32, 48), (32, 32), (56, 40), (36, 52), (64, 64), (45, 33), (32, 40))
+
+
+@pytest.fixture(scope="session")
+def sized_dataset_dir(tmp_path_factory):
+    """16 captioned images of several sizes and aspect ratios (SDXL's size and crop conditioning reads them)."""
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("sized")
+    colours = [(220, 30, 30), (30, 170, 60), (30, 60, 220), (240, 220, 40)]
+    words = ["red", "green", "blue", "yellow"]
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for i in range(16):
+            width, height = SIZES[i % len(SIZES)]
+            image = Image.new("RGB", (width, height), colours[i % 4])
+            image.paste(colours[(i + 1) % 4], (i % 7, 3, i % 7 + width // 2, 3 + height // 2))
+            image.save(folder / f"{i:02d}.png")
+            handle.write(json.dumps({"file_name": f"{i:02d}.png",
+                                     "text": f"a {words[(i + 1) % 4]} square on {words[i % 4]}"}) + "\n")
+    return str(folder)

@@ -53,3 +53,44 @@ def write_torch_pipeline(folder: str, prediction_type: str = "epsilon", seed: in
     with open(os.path.join(folder, "model_index.json"), "w") as handle:
         json.dump(dict(export.model_index(), scheduler=["diffusers", "DDPMScheduler"]), handle, indent=2)
     return folder
+
+
+def write_torch_sdxl_pipeline(folder: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
+    """A tiny SDXL-shaped pipeline made with the PyTorch classes: the UNet of t2i_flax.demo.TINY_SDXL_UNET
+    (text_time conditioning, per-block depths), two CLIP text encoders (32 and 16 features; the second with a
+    16-feature projection, as CLIPTextModelWithProjection), the second tokenizer padding with "!" as SDXL's,
+    an Euler scheduler config as SDXL base's; every norm scale/shift and bias perturbed."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from t2i_flax import family, tokenizer
+    from t2i_flax.demo import TINY_SDXL_POOLED_DIM, TINY_SDXL_UNET
+
+    vocab_size = tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{key: tuple(value) if isinstance(value, list) else value
+                                   for key, value in TINY_SDXL_UNET.items()})
+    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=32, scaling_factor=0.13025, force_upcast=True)
+    text = dict(intermediate_size=37, num_hidden_layers=3, max_position_embeddings=77, vocab_size=vocab_size,
+                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_attention_heads=4, pad_token_id=vocab_size - 1,
+                                                **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=16, num_attention_heads=2, projection_dim=TINY_SDXL_POOLED_DIM, pad_token_id=0, hidden_act="gelu",
+        **text))
+    components = (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+    for index, (name, model) in enumerate(components):
+        randomize_(model, seed=seed + 10 + index)
+        model.save_pretrained(os.path.join(folder, name))
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading", prediction_type=prediction_type).save_pretrained(
+        os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as handle:
+        json.dump(family.STABLE_DIFFUSION_XL.model_index(), handle, indent=2)
+    return folder

@@ -40,6 +40,7 @@ REFUSED = [
     (["--attention", "flash"], "'flash' is not one of: xla, cudnn"),
     (["--attention", "cudnn"], "--attention cudnn needs --mixed_precision bf16"),
     (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1]"),
+    (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts 1.5 must be between 0 and 1"),
 ]
 
 

@@ -627,3 +627,68 @@ def test_synthetic_dataset(tmp_path, tokenizer):
                                cache_dir=str(tmp_path / "c"), host_batch_size=2, seed=0, process_index=0,
                                process_count=1)
     assert len(train) == 6 and train.steps_per_epoch == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: time ids, the flip before the crop, empty prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def gradient_dataset(sizes) -> datasets.Dataset:
+    """Images of the given (width, height) sizes whose pixels differ everywhere (so any shift shows)."""
+    images = [{"bytes": png_bytes(Image.fromarray(gradient(h, w))), "path": None} for w, h in sizes]
+    return datasets.Dataset.from_dict({"image": images, "text": [f"number {i}" for i in range(len(sizes))]},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "text": datasets.Value("string")}))
+
+
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_sdxl_examples_are_the_sdxl_scripts_crop_flip_and_time_ids(tokenizer, center_crop):
+    """train_text_to_image_sdxl.py's preprocess_train: original (h, w) before the resize; resize; flip; then the
+    crop of the (flipped) image, whose top-left are the time ids' crop; target (R, R). Same pixels, same ids."""
+    sizes = [(13, 9), (9, 14), (8, 8), (17, 10), (11, 11), (10, 19), (12, 9), (9, 12)]
+    resolution = 8
+    train = loader(tokenizer, gradient_dataset(sizes), host_batch_size=8, resolution=resolution,
+                   center_crop=center_crop, random_flip=True, validate_images=False, tokenizer_2=tokenizer,
+                   size_conditioning=True, seed=3)
+    example = train.example_fn
+    flips = 0
+    for position in range(16):  # two epochs
+        epoch, slot = example.slots.slot(position)
+        record = int(example.records[example._order(epoch)[slot]])
+        got = example(position)
+        image = Image.fromarray(gradient(sizes[record][1], sizes[record][0]))
+        rng = sample_rng(3, epoch, record)
+        rng.integers(0, 1)  # the caption pick (one caption)
+        width, height = resized_size(*image.size, resolution)
+        resized = image.resize((width, height), Image.BILINEAR)
+        top, left = int(rng.integers(0, height - resolution + 1)), int(rng.integers(0, width - resolution + 1))
+        flip = rng.random() < 0.5
+        flips += flip
+        if flip:
+            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if center_crop:
+            top, left = round((height - resolution) / 2.0), round((width - resolution) / 2.0)
+        want = np.asarray(resized.crop((left, top, left + resolution, top + resolution)))
+        np.testing.assert_array_equal(got["pixel_values"], normalize(want), err_msg=str(position))
+        assert got["time_ids"].tolist() == [image.size[1], image.size[0], top, left, resolution, resolution]
+        np.testing.assert_array_equal(got["input_ids_2"], got["input_ids"])
+    assert 0 < flips < 16
+
+
+def test_proportion_empty_prompts_is_drawn_per_sample_and_repeats(tokenizer):
+    """--proportion_empty_prompts: about that fraction of the captions become "", the same ones on every read of
+    the same (epoch, record), and without it the streams are those of a run that never had it."""
+    dataset = solid_dataset(64)
+    empty_ids = tokenizer("", max_length=77, padding="max_length", truncation=True)["input_ids"]
+
+    def empties(example, positions):
+        return [bool((example(p)["input_ids"] == empty_ids).all()) for p in positions]
+
+    half = loader(tokenizer, dataset, host_batch_size=8, proportion_empty_prompts=0.5, validate_images=False)
+    drawn = empties(half.example_fn, range(128))
+    assert 0.3 < np.mean(drawn) < 0.7 and drawn == empties(half.example_fn, range(128))
+    assert not any(empties(loader(tokenizer, dataset, host_batch_size=8, validate_images=False).example_fn,
+                           range(128)))
+    everything = loader(tokenizer, dataset, host_batch_size=8, proportion_empty_prompts=1.0, validate_images=False)
+    assert all(empties(everything.example_fn, range(16)))

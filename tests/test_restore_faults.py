@@ -5,7 +5,6 @@ and exit code 1, nothing renamed or deleted; with two processes, one host that c
 Faults come three ways: a local HTTP proxy in front of the GCS emulator that answers 503 (the real storage clients'
 own retries included), tensorstore's error raised where Orbax reads an array (tests/fault_entry.py, in the
 training process), and a truncated file."""
-import functools
 import glob
 import hashlib
 import http.client

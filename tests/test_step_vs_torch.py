@@ -20,11 +20,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from t2i_flax import data, optim, sharding, step, tokenizer, weights
+from t2i_flax import data, family, optim, sharding, step, tokenizer, weights
 from t2i_flax.config import DataConfig
-from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
 from t2i_flax.diffusion.noise import load_noise_schedule
 
 from conftest import RESOLUTION
@@ -67,18 +66,19 @@ def torch_named(tree):
 def ours(pipeline_dir, batches, prediction_type, noise_offset):
     """Our step on one device. Per step: the state before it (params, Adam moments, EMA, in PyTorch names
     and layouts), the randomness it draws, its gradient tree, loss, grad norm, lr and the state after."""
-    unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    vae, vae_params = FlaxAutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
-    text_encoder, text_params = FlaxCLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+    kind = family.detect(pipeline_dir)
+    modules, params = kind.load(pipeline_dir, jax.numpy.float32)
+    unet, unet_params, vae_params = modules.unet, params["unet"], params["vae"]
     schedule = optim.learning_rate_schedule("linear", LEARNING_RATE, 0, STEPS + 1)
-    config = step.StepConfig(unet=unet, vae=vae, text_encoder=text_encoder,
+    config = step.StepConfig(unet=unet, vae=modules.vae, text_encoder=modules.text_encoder,
+                             text_encoder_2=modules.text_encoder_2, family=kind,
                              noise_schedule=load_noise_schedule(pipeline_dir, prediction_type),
                              optimizer=optim.make_optimizer(schedule, weight_decay=WEIGHT_DECAY,
                                                             max_grad_norm=MAX_GRAD_NORM),
                              learning_rate=schedule, use_ema=True, ema_decay=EMA_DECAY, noise_offset=noise_offset)
     mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     state, state_sharding = step.create_state(config, mesh, unet_params, seed=7)
-    frozen = step.frozen_params(vae_params, text_params)
+    frozen = step.frozen_params(vae_params, params["text_encoder"], None, params.get("text_encoder_2"))
     frozen_sharding = sharding.tree_shardings(mesh, frozen)
     frozen = jax.device_put(frozen, frozen_sharding)
     train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
@@ -109,6 +109,10 @@ def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").train()
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae").requires_grad_(False)
     text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder").requires_grad_(False)
+    sdxl = os.path.isdir(os.path.join(pipeline_dir, "text_encoder_2"))
+    if sdxl:
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(pipeline_dir, subfolder="text_encoder_2")
+        text_encoder_2.requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler", prediction_type=prediction_type)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=WEIGHT_DECAY)
@@ -136,9 +140,18 @@ def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
         timesteps = torch.tensor(drawn["timesteps"], dtype=torch.long)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(torch.tensor(host_batch["input_ids"], dtype=torch.long),
-                                             return_dict=False)[0]
-        prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        input_ids = torch.tensor(host_batch["input_ids"], dtype=torch.long)
+        added = {}
+        if sdxl:  # train_text_to_image_sdxl.py: encode_prompt and compute_time_ids
+            first = text_encoder(input_ids, output_hidden_states=True, return_dict=False)
+            second = text_encoder_2(torch.tensor(host_batch["input_ids_2"], dtype=torch.long),
+                                    output_hidden_states=True, return_dict=False)
+            encoder_hidden_states = torch.concat([first[-1][-2], second[-1][-2]], dim=-1)
+            added = {"added_cond_kwargs": {"text_embeds": second[0],
+                                           "time_ids": torch.tensor(host_batch["time_ids"])}}
+        else:
+            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+        prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **added)[0]
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="mean")
         loss.backward()
         grads = {name: p.grad.detach().numpy().copy() for name, p in unet.named_parameters()}
@@ -160,6 +173,41 @@ def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch,
     want = reference(torch_pipeline_dir, batch, got, prediction_type, noise_offset)
     norms = [w["grad_norm"] for w in want]
     assert max(norms) > MAX_GRAD_NORM > min(norms), norms  # steps with and without clipping
+    check_steps(got, want)
+
+
+@pytest.fixture(scope="module")
+def sdxl_batch(torch_sdxl_pipeline_dir, sized_dataset_dir):
+    """Batches as the SDXL data pipeline makes them: two tokenizers' ids and the time ids of random crops and
+    flips of images of several sizes."""
+    base_tokenizers = family.STABLE_DIFFUSION_XL.tokenizers(torch_sdxl_pipeline_dir)
+    loader = data.build_train_loader(DataConfig(train_data_dir=sized_dataset_dir, resolution=RESOLUTION,
+                                                random_flip=True), base_tokenizers[0], host_batch_size=2, seed=1,
+                                     tokenizer_2=base_tokenizers[1], size_conditioning=True)
+    batches = loader.iterator()
+    fixed = [next(batches) for _ in range(STEPS)]
+    batches.close()
+    return fixed
+
+
+def test_sdxl_steps_equal_diffusers_pytorch_sdxl_training(torch_sdxl_pipeline_dir, sdxl_batch):
+    """SDXL: both text encoders' penultimate states, the pooled projection and the batch's time ids condition
+    the UNet as in train_text_to_image_sdxl.py; loss, gradients, AdamW and EMA as for SD."""
+    time_ids = np.concatenate([b["time_ids"] for b in sdxl_batch])
+    assert len({tuple(row[:2]) for row in time_ids}) > 1 and time_ids[:, 2:4].max() > 0  # sizes and crops vary
+    got = ours(torch_sdxl_pipeline_dir, sdxl_batch, "epsilon", 0.0)
+    # More entries of Adam's ill-conditioned first update than the SD model's 0.4% (measured 2.5%): the tiny SDXL
+    # UNet has heads of 32 channels... and 1-2 heads per block, whose small gradients sit near Adam's eps.
+    # A few of its tensors have almost no gradient on some steps (measured: a norm bias at 9e-7 of the largest
+    # gradient): they are held to the whole tree's tolerance instead of their own scale's.
+    check_steps(got, reference(torch_sdxl_pipeline_dir, sdxl_batch, got, "epsilon", 0.0), ill_fraction=0.04,
+                tiny_gradients=True)
+
+
+def check_steps(got, want, ill_fraction=1e-2, tiny_gradients=False):
+    """Loss, lr, gradient norm, gradients, parameters and EMA of every step within the tolerances above; entries of
+    Adam's first update with |g| < ILL_CONDITIONED_GRADIENT (at most `ill_fraction` of them) within 2 lr.
+    `tiny_gradients`: tensors whose gradient is below 1e-6 of the largest are allowed (checked with the tree)."""
     for index, (g, w) in enumerate(zip(got, want)):
         where = f"step {index + 1}"
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-6), where
@@ -171,6 +219,8 @@ def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch,
         assert worst / largest <= GRAD_GLOBAL_TOL, (where, worst / largest)
         for name, reference_grad in w["grads"].items():
             scale = np.abs(reference_grad).max()
+            if tiny_gradients and scale <= 1e-6 * largest:
+                continue  # within GRAD_GLOBAL_TOL x largest (above)
             assert scale > 1e-6 * largest, (where, name)  # a real gradient, not float noise
             error = np.abs(g["grads"][name] - reference_grad).max() / scale
             assert error <= GRAD_TOL, (where, name, error)
@@ -178,7 +228,7 @@ def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch,
         ill_conditioned = {name: (np.abs(t) < ILL_CONDITIONED_GRADIENT) & first_update
                            for name, t in w["grads"].items()}
         fraction = sum(m.sum() for m in ill_conditioned.values()) / sum(m.size for m in ill_conditioned.values())
-        assert fraction < 1e-2, (where, fraction)
+        assert fraction < ill_fraction, (where, fraction)
         for tree in ("params", "ema"):
             assert sorted(g[tree]) == sorted(w[tree])
             for name, reference_value in w[tree].items():

@@ -34,11 +34,20 @@ def safetensors_of(folder):
 
 
 def test_learning_rate_zero_exports_identical_tensors(pipeline_dir, dataset_dir, tmp_path):
+    """lr 0 exports the base model's tensors bit for bit; --pretrained_vae_model_name_or_path (a VAE folder, as
+    sd-vae-ft-mse) replaces the pipeline's VAE in training and in the export."""
+    from t2i_flax.models import FlaxAutoencoderKL
+
+    vae, vae_params = FlaxAutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
+    other_vae = str(tmp_path / "other-vae")
+    vae.save_pretrained(other_vae, jax.tree_util.tree_map(lambda x: x * np.float32(1.01), vae_params))
     output_dir = str(tmp_path / "out")
     argv = train_argv(pipeline_dir, dataset_dir, output_dir, "--learning_rate", "0", "--use_ema",
-                      "--max_train_steps", "2", "--report_to", "none")
+                      "--max_train_steps", "2", "--report_to", "none",
+                      "--pretrained_vae_model_name_or_path", other_vae)
     assert cli.main(argv) == 0
     before, after = safetensors_of(pipeline_dir), safetensors_of(output_dir)
+    before.update({f"vae/{k}": v for k, v in load_file(os.path.join(other_vae, vae.weights_name)).items()})
     assert sorted(before) == sorted(after) and len(before) > 100
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and after[name].tobytes() == tensor.tobytes(), name

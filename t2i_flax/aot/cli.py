@@ -54,7 +54,7 @@ def build_setup(config, devices):
     repo id downloads its config and tokenizer files, no weights)."""
     from t2i_flax import hub, setup, sharding
 
-    base = setup.read_base_model(hub.resolve_config_dir(config.model))
+    base = setup.read_base_model(hub.resolve_config_dir(config.model), config.model)
     mesh = sharding.make_mesh(config.devices.fsdp, devices)
     hosts = len({device.process_index for device in devices})
     plan = setup.Plan.without_data(config, len(devices), len(devices) // hosts)

@@ -135,7 +135,7 @@ def validation_report(setup) -> dict:
     shardings), and its memory with the rest of the training state resident."""
     import jax
 
-    from t2i_flax import sharding
+    from t2i_flax import family, sharding
     from t2i_flax.diffusion import sample, schedulers
 
     config = setup.config
@@ -148,21 +148,25 @@ def validation_report(setup) -> dict:
     unet_params, unet_fn = setup.sampler_unet(setup.state, setup.frozen)
     unet_params = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), unet_params)
-    sampler = sample.Sampler(setup.unet, setup.vae, setup.text_encoder, mesh, unet_fn)
+    force_zeros = family.force_zeros_for_empty_prompt(setup.base.model_dir, setup.family)
+    sampler = sample.Sampler(setup.unet, setup.vae, setup.text_encoder, mesh, unet_fn,
+                             setup.modules.text_encoder_2, setup.family, force_zeros)
     # What Validation puts on the devices of the VAE: the decoder half, in the compute dtype.
     vae_params = setup.vae.abstract_params()
     decoder = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, setup.dtype),
                                      {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS})
     decoder = jax.tree_util.tree_map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
                                      decoder, sharding.tree_shardings(mesh, decoder))
-    abstract = sample.sampler_params(unet_params, setup.frozen["text_encoder"], decoder)
+    text_2 = setup.frozen.get("text_encoder_2")
+    abstract = sample.sampler_params(unet_params, setup.frozen["text_encoder"], decoder, text_2)
     guidance = settings.validation_guidance_scale > 1.0
-    length = int(setup.base.tokenizer.model_max_length)
-    result, _ = compile_measured(lambda: sampler.compile(abstract, scheduler, batch, config.data.resolution,
-                                                      config.data.resolution, guidance, max_length=length))
+    lengths = [int(each.model_max_length) for each in setup.base.tokenizers]
+    result, _ = compile_measured(lambda: sampler.compile(
+        abstract, scheduler, batch, config.data.resolution, config.data.resolution, guidance, max_length=lengths,
+        zero_negative=sampler.zero_negative(guidance, None)))
     shared = per_device_bytes([leaf for leaf in jax.tree_util.tree_leaves(unet_params)
                                if getattr(leaf, "sharding", None) is not None]) \
-        + per_device_bytes(setup.frozen["text_encoder"])
+        + per_device_bytes(setup.frozen["text_encoder"]) + (per_device_bytes(text_2) if text_2 else 0)
     # While sampling, the training state and frozen models stay on the devices; the sampler's own arguments
     # already count the UNet (or adapters + frozen UNet) and the text encoder among them.
     resident = per_device_bytes(setup.state) + per_device_bytes(setup.frozen) - shared

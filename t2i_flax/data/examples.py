@@ -1,5 +1,6 @@
 """The per-position example function, which Grain maps over host-local sample positions (in threads or
-worker processes): position -> (epoch, record) -> {"pixel_values", "input_ids"}.
+worker processes): position -> (epoch, record) -> {"pixel_values", "input_ids"} (SDXL also "input_ids_2" from
+its second tokenizer and "time_ids": original height and width, crop top and left, target height and width).
 
 A decode that fails during training (a file changed since the scan, an I/O error) is replaced by the
 next record of the epoch's permutation and logged; 64 failures in a row are a DataError. Only what PIL
@@ -12,7 +13,7 @@ import logging
 
 import numpy as np
 
-from t2i_flax.data.images import IMAGE_DECODE_ERRORS, decode_image, preprocess_image
+from t2i_flax.data.images import IMAGE_DECODE_ERRORS, decode_image, transform_image
 from t2i_flax.data.order import HostSlots, epoch_permutation, sample_rng
 from t2i_flax.data.sources import caption_choices
 from t2i_flax.errors import DataError
@@ -27,12 +28,16 @@ class ExampleAt:
     function of the position. `records` are the usable record indices (the scan's result)."""
 
     def __init__(self, dataset, records: np.ndarray, *, image_column: str, caption_column: str, tokenizer,
-                 resolution: int, center_crop: bool, random_flip: bool, seed: int, slots: HostSlots):
+                 resolution: int, center_crop: bool, random_flip: bool, seed: int, slots: HostSlots,
+                 tokenizer_2=None, size_conditioning: bool = False, proportion_empty_prompts: float = 0.0):
         self.dataset = dataset
         self.records = records
         self.image_column, self.caption_column = image_column, caption_column
         self.tokenizer = tokenizer
         self.max_length = int(tokenizer.model_max_length)
+        self.tokenizer_2 = tokenizer_2
+        self.size_conditioning = size_conditioning  # SDXL: time ids, and the flip before the crop (as its script)
+        self.proportion_empty_prompts = proportion_empty_prompts
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed = seed
         self.slots = slots
@@ -54,14 +59,40 @@ class ExampleAt:
     def load(self, epoch: int, record: int) -> dict[str, np.ndarray]:
         row = self.dataset[record]
         rng = sample_rng(self.seed, epoch, record)
-        captions = caption_choices(row[self.caption_column], self.caption_column, record)
-        caption = captions[int(rng.integers(0, len(captions)))]
-        pixel_values = preprocess_image(
-            decode_image(row[self.image_column]), self.resolution,
-            center_crop=self.center_crop, random_flip=self.random_flip, rng=rng,
-        )
-        input_ids = self.tokenizer(caption, max_length=self.max_length, padding="max_length", truncation=True)
-        return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids["input_ids"], dtype=np.int32)}
+        caption = self.pick_caption(row[self.caption_column], record, rng)
+        image = decode_image(row[self.image_column])
+        pixel_values, crop = transform_image(image, self.resolution, center_crop=self.center_crop,
+                                             random_flip=self.random_flip, rng=rng,
+                                             flip_first=self.size_conditioning)
+        return {"pixel_values": pixel_values, **self.text_inputs(self.empty_or(caption, rng), image.size, crop)}
+
+    def pick_caption(self, value, record: int, rng: np.random.Generator) -> str:
+        """The sample's caption: one of a list (the first draw of the sample's stream)."""
+        captions = caption_choices(value, self.caption_column, record)
+        return captions[int(rng.integers(0, len(captions)))]
+
+    def empty_or(self, caption: str, rng: np.random.Generator) -> str:
+        """"" with probability --proportion_empty_prompts, drawn after the crop and flip (only when it is set, so
+        that runs without it keep their streams)."""
+        if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
+            return ""
+        return caption
+
+    def text_inputs(self, caption: str, original_size: tuple[int, int], crop: tuple[int, int]) -> dict:
+        """Token ids of each tokenizer and, for SDXL, the time ids. `original_size`: (width, height) as decoded."""
+        def ids(tokenizer):
+            tokens = tokenizer(caption, max_length=int(tokenizer.model_max_length), padding="max_length",
+                               truncation=True)
+            return np.asarray(tokens["input_ids"], dtype=np.int32)
+
+        inputs = {"input_ids": ids(self.tokenizer)}
+        if self.tokenizer_2 is not None:
+            inputs["input_ids_2"] = ids(self.tokenizer_2)
+        if self.size_conditioning:
+            width, height = original_size
+            inputs["time_ids"] = np.asarray([height, width, crop[0], crop[1], self.resolution, self.resolution],
+                                            np.float32)
+        return inputs
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         epoch, slot = self.slots.slot(int(position))

@@ -157,18 +157,29 @@ def preprocess_image(
     Draws from `rng`, always in this order and always both: crop top, crop left (integers, used
     only for random crop), flip (a float, used only with random_flip).
     """
+    return transform_image(image, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)[0]
+
+
+def transform_image(image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool,
+                    rng: np.random.Generator, flip_first: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """(pixels float32 (3, R, R) in [-1, 1], crop (top, left)). `flip_first`: flip, then crop the flipped image,
+    and give the crop's offsets in it (diffusers' SDXL script, whose time ids hold them); else crop, then flip
+    (the SD script). Both draw from `rng` as `preprocess_image`."""
     width, height = image.size
     new_width, new_height = resized_size(width, height, resolution)
     if (new_width, new_height) != (width, height):
         image = image.resize((new_width, new_height), Image.BILINEAR)
     random_top, random_left, flip = draw_crop_and_flip(rng, new_width, new_height, resolution)
+    flip = random_flip and flip
     if center_crop:
         top, left = center_crop_offsets(new_width, new_height, resolution)
     else:
         top, left = random_top, random_left
-    if (top, left, new_width, new_height) != (0, 0, resolution, resolution):
-        image = image.crop((left, top, left + resolution, top + resolution))
+    # A crop at `left` of the flipped image is the flip of the crop at new_width - R - left of the image.
+    crop_left = new_width - resolution - left if (flip_first and flip) else left
+    if (top, crop_left, new_width, new_height) != (0, 0, resolution, resolution):
+        image = image.crop((crop_left, top, crop_left + resolution, top + resolution))
     pixels = np.asarray(image).transpose(2, 0, 1)  # (R, R, 3) uint8 HWC -> CHW view
-    if random_flip and flip:
+    if flip:
         pixels = pixels[:, :, ::-1]
-    return _UINT8_TO_UNIT[pixels]  # the lookup writes a new C-contiguous float32 (3, R, R)
+    return _UINT8_TO_UNIT[pixels], (top, left)  # the lookup writes a new C-contiguous float32 (3, R, R)

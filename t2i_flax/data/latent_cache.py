@@ -7,7 +7,8 @@ training instead of running the VAE encoder in every step.
 
 What is stored: per image its posterior's mean and std (float32, (C, h, w)), of the center-cropped image
 and, with --random_flip, of its mirror image too (the VAE is not exactly mirror-symmetric, so both are
-encoded), and the image's resized size. The step then samples latent = mean + std * noise with the same
+encoded; for SDXL, which flips before it crops, the centre crop of the flipped image), and the image's size
+after the resize and as decoded (SDXL's time ids hold the latter). The step then samples latent = mean + std * noise with the same
 random stream as the online step (t2i_flax/step.py), so the losses equal the online path's to float
 rounding. Random crops would need one entry per crop and cannot be cached (refused by the config).
 
@@ -28,12 +29,12 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-from t2i_flax.data.images import decode_image, draw_crop_and_flip, preprocess_image, resized_size
+from t2i_flax.data.images import (center_crop_offsets, decode_image, draw_crop_and_flip, resized_size,
+                                  transform_image)
 from t2i_flax.data.order import sample_rng
-from t2i_flax.data.sources import caption_choices
 from t2i_flax.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sizes hold the decoded size too
 PARTS = ("mean", "std", "sizes")
 
 
@@ -51,15 +52,18 @@ def params_digest(tree) -> str:
 
 class LatentCache:
     def __init__(self, directory: str, key_fields: dict, records: np.ndarray, random_flip: bool,
-                 latent_shape_CHW: tuple[int, int, int], process_index: int, process_count: int, per_host: int):
+                 latent_shape_CHW: tuple[int, int, int], process_index: int, process_count: int, per_host: int,
+                 flip_first: bool = False):
         self.records = np.asarray(records, np.int64)
         self.random_flip = random_flip
+        self.flip_first = flip_first
         self.flips = 2 if random_flip else 1
         self.latent_shape = tuple(latent_shape_CHW)
         self.process_index, self.process_count, self.per_host = process_index, process_count, per_host
         self.chunk = per_host * process_count
         self.num_chunks = -(-len(self.records) // self.chunk)
         fields = dict(key_fields, version=FORMAT_VERSION, flips=self.flips, latent_shape=list(self.latent_shape),
+                      flip_first=flip_first,
                       records=hashlib.sha256(self.records.tobytes()).hexdigest())
         self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
         self.meta = dict(fields, key=self.key, num_records=len(self.records), process_count=process_count,
@@ -92,7 +96,13 @@ class LatentCache:
     def size(self, record: int) -> tuple[int, int]:
         """The record's image size after the resize to the resolution (width, height)."""
         chunk, process, row = self._where(record)
-        width, height = self._array(chunk, process, "sizes")[row]
+        width, height = self._array(chunk, process, "sizes")[row, :2]
+        return int(width), int(height)
+
+    def original_size(self, record: int) -> tuple[int, int]:
+        """The record's image size as decoded (width, height)."""
+        chunk, process, row = self._where(record)
+        width, height = self._array(chunk, process, "sizes")[row, 2:]
         return int(width), int(height)
 
     def read(self, record: int, flipped: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +147,7 @@ class LatentCache:
         for chunk in missing:
             rows = self._rows(chunk, self.process_index)
             pixels, sizes = self._load(dataset, image_column, resolution, rows)
-            batch = np.concatenate([pixels, pixels[:, :, :, ::-1]]) if self.random_flip else pixels
+            batch = np.concatenate(pixels) if self.random_flip else pixels[0]
             mean, std = encode_moments(sharding.global_batch(mesh, {"pixels": batch})["pixels"])
             mean, std = _local_rows(mean), _local_rows(std)
             if len(rows):
@@ -154,23 +164,31 @@ class LatentCache:
         return len(missing)
 
     def _load(self, dataset, image_column: str, resolution: int, rows: np.ndarray):
-        """Center-cropped pixels of this host's rows, padded to per_host with copies of the first (dropped
-        again before writing), and the resized sizes."""
+        """Center-cropped pixels of this host's rows ([unflipped, flipped]), padded to per_host with copies of the
+        first (dropped again before writing), and the sizes (resized width and height, decoded width and height)."""
         from concurrent.futures import ThreadPoolExecutor
 
         records = [int(self.records[i]) for i in rows] or [int(self.records[0])]
 
         def one(record):
             image = decode_image(dataset[record][image_column])
-            size = resized_size(image.size[0], image.size[1], resolution)
-            pixels = preprocess_image(image, resolution, center_crop=True, random_flip=False,
-                                      rng=np.random.default_rng(0))
-            return pixels, size
+            size = resized_size(image.size[0], image.size[1], resolution) + image.size
+            pixels, _ = transform_image(image, resolution, center_crop=True, random_flip=False,
+                                        rng=np.random.default_rng(0))
+            if not self.random_flip:
+                return (pixels,), size
+            if self.flip_first:  # the centre crop of the mirror image (not the mirror of the centre crop)
+                always_flip = _AlwaysFlip()
+                flipped, _ = transform_image(image, resolution, center_crop=True, random_flip=True, rng=always_flip,
+                                             flip_first=True)
+            else:
+                flipped = pixels[:, :, ::-1]
+            return (pixels, flipped), size
 
         with ThreadPoolExecutor(max_workers=max(2, min(16, os.cpu_count() or 1))) as pool:
             loaded = list(pool.map(one, records))
         loaded += [loaded[0]] * (self.per_host - len(loaded))
-        return (np.stack([pixels for pixels, _ in loaded]),
+        return ([np.stack([images[i] for images, _ in loaded]) for i in range(self.flips)],
                 np.asarray([size for _, size in loaded], np.int32))
 
     def _write(self, chunk: int, parts: dict) -> None:
@@ -179,6 +197,16 @@ class LatentCache:
             temporary = f"{path[:-4]}.partial.npy"
             np.save(temporary, np.ascontiguousarray(array))
             os.replace(temporary, path)
+
+
+class _AlwaysFlip:
+    """A stand-in random stream whose flip draw always flips (crop draws 0: unused with a centre crop)."""
+
+    def integers(self, low, high):
+        return low
+
+    def random(self):
+        return 0.0
 
 
 def _local_rows(array) -> np.ndarray:
@@ -209,11 +237,10 @@ class CachedExampleAt:
         order = online._order(epoch)
         record = int(self.records[order[slot % len(order)]])
         rng = sample_rng(self.seed, epoch, record)
-        captions = caption_choices(self.captions[record][online.caption_column], online.caption_column, record)
-        caption = captions[int(rng.integers(0, len(captions)))]
+        caption = online.pick_caption(self.captions[record][online.caption_column], record, rng)
         width, height = self.cache.size(record)
         _, _, flip = draw_crop_and_flip(rng, width, height, online.resolution)
         mean, std = self.cache.read(record, online.random_flip and flip)
-        input_ids = online.tokenizer(caption, max_length=online.max_length, padding="max_length", truncation=True)
+        crop = center_crop_offsets(width, height, online.resolution)
         return {"latent_mean": mean, "latent_std": std,
-                "input_ids": np.asarray(input_ids["input_ids"], dtype=np.int32)}
+                **online.text_inputs(online.empty_or(caption, rng), self.cache.original_size(record), crop)}

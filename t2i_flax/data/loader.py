@@ -268,6 +268,8 @@ def build_train_loader(
     validate_images: bool = True,
     scan_cache_path: str | None = None,
     write_scan_file: bool = True,
+    tokenizer_2=None,
+    size_conditioning: bool = False,
 ) -> TrainLoader:
     """Builds the training loader of this host (order and sharding: data/order.py; resume: above).
 
@@ -282,7 +284,8 @@ def build_train_loader(
     dataset and these options, else written by process 0 after the scan; with write_scan_file=False
     only when the caller calls loader.write_scan_file() (a trainer writes nothing before its inputs are
     all checked). When the hosts are jax processes (jax.distributed), each scans only its share of the
-    records and they exchange the results.
+    records and they exchange the results. tokenizer_2 / size_conditioning: SDXL's second tokenizer and its
+    time ids (family.StableDiffusionXL).
     """
     if process_index is None or process_count is None:
         import jax
@@ -334,7 +337,8 @@ def build_train_loader(
     example_fn = ExampleAt(dataset, scan.usable, image_column=image_column, caption_column=caption_column,
                            tokenizer=tokenizer, resolution=data_config.resolution,
                            center_crop=data_config.center_crop, random_flip=data_config.random_flip, seed=seed,
-                           slots=slots)
+                           slots=slots, tokenizer_2=tokenizer_2, size_conditioning=size_conditioning,
+                           proportion_empty_prompts=data_config.proportion_empty_prompts)
     loader = TrainLoader(example_fn, stats, num_epochs=num_epochs, num_workers=data_config.dataloader_num_workers,
                          prefetch_batches=prefetch_batches, scan_from_cache=scan_from_cache,
                          unwritten_scan_file=unwritten_scan_file)

@@ -1,5 +1,7 @@
-"""Text-to-image sampling as one jax.jit program: CLIP text encoder -> classifier-free guided denoising
-loop (one lax.fori_loop over the scheduler's timesteps) -> VAE decode, as diffusers' StableDiffusionPipeline.
+"""Text-to-image sampling as one jax.jit program: text encoder(s) -> classifier-free guided denoising
+loop (one lax.fori_loop over the scheduler's timesteps) -> VAE decode, as diffusers' StableDiffusionPipeline
+(SDXL: as StableDiffusionXLPipeline, with both text encoders, the pooled embedding and the time ids of the
+target size, crop (0, 0); without a negative prompt, zero negative conditioning when the model asks for it).
 
     sampler = Sampler(unet, vae, text_encoder, mesh)
     params = sampler.place_params(sampler_params(unet_params, text_encoder_params, vae_params))
@@ -32,10 +34,24 @@ OUTPUT_TYPES = ("np", "latent")
 VAE_DECODER_PARAMS = ("decoder", "post_quant_conv")
 
 
-def sampler_params(unet_params, text_encoder_params, vae_params) -> dict:
-    """The parameter tree the sampling program takes: {"unet", "text_encoder", "vae" (decoder half)}."""
-    return {"unet": unet_params, "text_encoder": text_encoder_params,
-            "vae": {name: vae_params[name] for name in VAE_DECODER_PARAMS if name in vae_params}}
+def sampler_params(unet_params, text_encoder_params, vae_params, text_encoder_2_params=None) -> dict:
+    """The parameter tree the sampling program takes: {"unet", "text_encoder"[, "text_encoder_2"], "vae" (decoder
+    half)}."""
+    params = {"unet": unet_params, "text_encoder": text_encoder_params,
+              "vae": {name: vae_params[name] for name in VAE_DECODER_PARAMS if name in vae_params}}
+    if text_encoder_2_params is not None:
+        params["text_encoder_2"] = text_encoder_2_params
+    return params
+
+
+def as_text_inputs(ids) -> dict | None:
+    """Token ids as the conditioning reads them: {"input_ids"[, "input_ids_2"]} (an array: SD's one tokenizer; a
+    pair: SDXL's two)."""
+    if ids is None or isinstance(ids, dict):
+        return ids
+    if isinstance(ids, (tuple, list)):
+        return {"input_ids": ids[0], "input_ids_2": ids[1]}
+    return {"input_ids": ids}
 
 
 def vae_scale_factor(vae) -> int:
@@ -72,17 +88,31 @@ def to_uint8(images_BHWC) -> np.ndarray:
 class Sampler:
     """The sampling program for one set of modules on one mesh.
 
-    `unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD) -> noise_pred_NCHW` replaces
+    `unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD, **added) -> noise_pred_NCHW` replaces
     `unet.apply` (e.g. to apply LoRA adapters to the parameters first): N is 2B with guidance, `timestep`
-    a float32 scalar, `unet_params` the program's argument params["unet"]."""
+    a float32 scalar, `unet_params` the program's argument params["unet"], `added` SDXL's added_cond_kwargs.
 
-    def __init__(self, unet, vae, text_encoder, mesh, unet_fn: Callable | None = None):
+    Prompt ids: an array (SD) or a pair of arrays (SDXL's two tokenizers). SDXL with guidance and no negative
+    prompt (None) conditions the unconditional half on zeros where `force_zeros_for_empty_prompt` (as diffusers)."""
+
+    def __init__(self, unet, vae, text_encoder, mesh, unet_fn: Callable | None = None, text_encoder_2=None,
+                 family=None, force_zeros_for_empty_prompt: bool = False):
+        from t2i_flax.family import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, Modules
+
         self.unet, self.vae, self.text_encoder, self.mesh = unet, vae, text_encoder, mesh
+        self.text_encoder_2 = text_encoder_2
+        self.family = family or (STABLE_DIFFUSION_XL if text_encoder_2 is not None else STABLE_DIFFUSION)
+        self.modules = Modules(unet, vae, text_encoder, text_encoder_2)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.unet_fn = unet_fn or self._apply_unet
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.traces = 0  # how many times the program was traced (one per compile)
         self.program = jax.jit(self._sample, static_argnames=("guidance", "output_type"),
                                out_shardings=self.batch_sharding)
+
+    def zero_negative(self, guidance: bool, negative_ids) -> bool:
+        """Whether the unconditional half is zeros instead of an encoded negative prompt."""
+        return guidance and negative_ids is None and self.force_zeros_for_empty_prompt
 
     # ---- shapes and placement --------------------------------------------------------------------
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -112,8 +142,11 @@ class Sampler:
         """The program's arguments after the params, moved explicitly (so that a caller running under
         jax.transfer_guard("disallow") can place them once and call `program`/a compiled one)."""
         replicated = sharding.replicated(self.mesh)
-        negative = self.place_batch(negative_ids_BL) if guidance_scale > 1.0 else None
-        return (self.place_batch(prompt_ids_BL), negative, self.place_batch(noise_BCHW),
+        place = lambda ids: None if ids is None else jax.tree_util.tree_map(self.place_batch, as_text_inputs(ids))  # noqa: E731
+        if guidance_scale > 1.0 and negative_ids_BL is None and not self.force_zeros_for_empty_prompt:
+            raise errors.FlagError("classifier-free guidance needs negative prompt ids (\"\" for none)")
+        negative = place(negative_ids_BL) if guidance_scale > 1.0 else None
+        return (place(prompt_ids_BL), negative, self.place_batch(noise_BCHW),
                 jax.device_put(scheduler, replicated), jax.device_put(np.float32(guidance_scale), replicated))
 
     # ---- running and compiling -------------------------------------------------------------------
@@ -131,12 +164,13 @@ class Sampler:
         return self.program(params, *inputs, guidance=guidance_scale > 1.0, output_type=output_type)
 
     def compile(self, abstract_params, scheduler: schedulers.Scheduler, batch: int, height: int, width: int,
-                guidance: bool, output_type: str = "np", max_length: int | None = None):
+                guidance: bool, output_type: str = "np", max_length=None, zero_negative: bool = False):
         """Ahead-of-time compile from shapes only (e.g. before training, so that a sampler that does not fit
         device memory fails early). `abstract_params`: ShapeDtypeStructs (or arrays) of `sampler_params`;
         leaves without a sharding get the sharding table's. Returns the jax Compiled program, called as
         `compiled(params, *sampler.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler,
-        guidance_scale))` with params placed as the abstract ones say."""
+        guidance_scale))` with params placed as the abstract ones say. `max_length`: the token ids' length (one per
+        tokenizer for SDXL); `zero_negative`: compiled for no negative prompt (SDXL's zero conditioning)."""
         if batch % self.mesh.size:
             raise errors.FlagError(f"a batch of {batch} images does not split over {self.mesh.size} devices")
         shardings = sharding.tree_shardings(self.mesh, abstract_params)
@@ -144,35 +178,53 @@ class Sampler:
             lambda leaf, where: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype,
                                                      sharding=getattr(leaf, "sharding", None) or where),
             abstract_params, shardings)
-        max_length = max_length or self.text_encoder.max_position_embeddings
-        ids = jax.ShapeDtypeStruct((batch, max_length), jnp.int32, sharding=self.batch_sharding)
+        encoders = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        lengths = max_length if isinstance(max_length, (list, tuple)) else [max_length] * len(encoders)
+        lengths = [length or encoder.max_position_embeddings for length, encoder in zip(lengths, encoders)]
+        ids = as_text_inputs([jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=self.batch_sharding)
+                              for length in lengths] if len(lengths) > 1 else
+                             jax.ShapeDtypeStruct((batch, lengths[0]), jnp.int32, sharding=self.batch_sharding))
         noise = jax.ShapeDtypeStruct(self.latent_shape(batch, height, width), jnp.float32,
                                      sharding=self.batch_sharding)
         replicated = sharding.replicated(self.mesh)
         abstract_scheduler = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), scheduler)
         scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-        lowered = self.program.lower(params, ids, ids if guidance else None, noise, abstract_scheduler, scale,
-                                     guidance=guidance, output_type=output_type)
+        lowered = self.program.lower(params, ids, ids if guidance and not zero_negative else None, noise,
+                                     abstract_scheduler, scale, guidance=guidance, output_type=output_type)
         return lowered.compile()
 
     # ---- the program -----------------------------------------------------------------------------
-    def _apply_unet(self, unet_params, latents_BCHW, timestep, text_embeddings_BLD):
-        return self.unet.apply({"params": unet_params}, latents_BCHW, timestep, text_embeddings_BLD).sample
+    def _apply_unet(self, unet_params, latents_BCHW, timestep, text_embeddings_BLD, **added):
+        return self.unet.apply({"params": unet_params}, latents_BCHW, timestep, text_embeddings_BLD, **added).sample
 
-    def _encode(self, text_params, ids_BL):
-        return self.text_encoder.apply({"params": text_params}, ids_BL).last_hidden_state
+    def _encode(self, params, ids: dict, time_ids_B6):
+        """(context (B, L, D), added conditions or None) as the family conditions its UNet in training."""
+        batch = dict(ids, time_ids=time_ids_B6) if time_ids_B6 is not None else ids
+        return self.family.condition(self.modules, params, batch)
 
     def _sample(self, params: dict[str, Any], prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale,
                 *, guidance: bool, output_type: str):
         self.traces += 1
         constrain = lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding)  # noqa: E731
+        batch = noise_BCHW.shape[0]
+        time_ids_B6 = None
+        if self.family.size_conditioning:  # SDXL: original = target = the image's size, crop (0, 0)
+            height, width = (dim * vae_scale_factor(self.vae) for dim in noise_BCHW.shape[2:])
+            time_ids_B6 = jnp.tile(jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32), (batch, 1))
         # N: 2B with guidance (one UNet batch [uncond; cond], as diffusers), else B.
-        text_embeddings_BLD = self._encode(params["text_encoder"], prompt_ids_BL)
+        text_embeddings_BLD, added = self._encode(params, prompt_ids_BL, time_ids_B6)
         context_NLD = text_embeddings_BLD
         if guidance:
-            negative_embeddings_BLD = self._encode(params["text_encoder"], negative_ids_BL)
+            if negative_ids_BL is None:  # zero conditioning (SDXL's force_zeros_for_empty_prompt)
+                negative_embeddings_BLD = jnp.zeros_like(text_embeddings_BLD)
+                negative_added = None if added is None else dict(added, text_embeds=jnp.zeros_like(added["text_embeds"]))
+            else:
+                negative_embeddings_BLD, negative_added = self._encode(params, negative_ids_BL, time_ids_B6)
             context_NLD = constrain(jnp.concatenate([negative_embeddings_BLD, text_embeddings_BLD]))
+            if added is not None:
+                added = {name: constrain(jnp.concatenate([negative_added[name], added[name]])) for name in added}
+        added_kwargs = {} if added is None else {"added_cond_kwargs": added}
         latents_BCHW = noise_BCHW.astype(jnp.float32) * scheduler.init_noise_sigma
         state = schedulers.init_state(scheduler, latents_BCHW.shape)
 
@@ -181,7 +233,7 @@ class Sampler:
             model_input_NCHW = jnp.concatenate([latents_BCHW] * 2) if guidance else latents_BCHW
             model_input_NCHW = constrain(schedulers.scale_model_input(scheduler, model_input_NCHW, i))
             noise_pred_NCHW = self.unet_fn(params["unet"], model_input_NCHW, scheduler.timesteps[i],
-                                           context_NLD).astype(jnp.float32)
+                                           context_NLD, **added_kwargs).astype(jnp.float32)
             if guidance:
                 noise_pred_uncond_BCHW, noise_pred_text_BCHW = jnp.split(noise_pred_NCHW, 2)
                 noise_pred_BCHW = noise_pred_uncond_BCHW + guidance_scale * (noise_pred_text_BCHW

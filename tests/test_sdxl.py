@@ -1,0 +1,155 @@
+"""SDXL end to end on a tiny SDXL pipeline made with the PyTorch classes: the command line trains it (the model
+kind read from the folder), lr 0 exports it bit for bit as a folder StableDiffusionXLPipeline loads, validation
+while training draws what `generate` draws from the export, our sampler's final latents equal
+StableDiffusionXLPipeline's from the same latents, and folders of kinds we do not train are refused with one line
+before any data is read. (The step itself against train_text_to_image_sdxl.py: tests/test_step_vs_torch.py.)"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from t2i_flax import cli, family, generate
+from t2i_flax.errors import ModelError
+
+from conftest import RESOLUTION
+from test_train import VALIDATION, assert_validation_grid_is_what_generate_draws, safetensors_of
+
+
+def sdxl_argv(pipeline_dir, dataset_dir, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", dataset_dir,
+            "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", "1", "--random_flip",
+            "--seed", "3", "--report_to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def lr_zero_run(torch_sdxl_pipeline_dir, sized_dataset_dir, tmp_path_factory):
+    """lr 0, EMA, FSDP over the 8 devices, empty prompts, validation images (its sampler compiled before the
+    first step): (output folder, stdout)."""
+    import contextlib
+    import io
+
+    output_dir = str(tmp_path_factory.mktemp("sdxl-lr0"))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(sdxl_argv(torch_sdxl_pipeline_dir, sized_dataset_dir, output_dir, "--learning_rate", "0",
+                                  "--use_ema", "--fsdp", "8", "--max_train_steps", "2",
+                                  "--proportion_empty_prompts", "0.2", *VALIDATION)) == 0
+    return output_dir, stdout.getvalue()
+
+
+def test_lr_zero_exports_the_sdxl_pipeline_bit_for_bit(lr_zero_run, torch_sdxl_pipeline_dir):
+    output_dir, stdout = lr_zero_run
+    assert "model: " in stdout and "data: 16 examples" in stdout
+    # transformers 5 saves CLIP without the `text_model.` prefix that we write (both load)
+    ours = {k.replace("/text_model.", "/"): v for k, v in safetensors_of(output_dir).items()}
+    base = {k.replace("/text_model.", "/"): v for k, v in safetensors_of(torch_sdxl_pipeline_dir).items()}
+    assert sorted(ours) == sorted(base) and any(k.startswith("text_encoder_2/") for k in base)
+    for name, tensor in base.items():
+        assert ours[name].dtype == tensor.dtype and ours[name].tobytes() == tensor.tobytes(), name
+    index = json.load(open(os.path.join(output_dir, "model_index.json")))
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    # the base model's own scheduler, class and config, as the PyTorch scripts keep it
+    exported = json.load(open(os.path.join(output_dir, "scheduler", "scheduler_config.json")))
+    original = json.load(open(os.path.join(torch_sdxl_pipeline_dir, "scheduler", "scheduler_config.json")))
+    assert exported["_class_name"] == "EulerDiscreteScheduler" == index["scheduler"][1]
+    assert {k: v for k, v in exported.items() if k != "_diffusers_version"} == \
+        {k: v for k, v in original.items() if k != "_diffusers_version"}
+    for name in ("tokenizer", "tokenizer_2"):
+        assert sorted(os.listdir(os.path.join(output_dir, name))) == \
+            sorted(os.listdir(os.path.join(torch_sdxl_pipeline_dir, name)))
+    card = open(os.path.join(output_dir, "README.md")).read()
+    assert "- stable-diffusion-xl" in card and "StableDiffusionXLPipeline.from_pretrained" in card
+
+
+def test_diffusers_loads_and_runs_the_export(lr_zero_run):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(lr_zero_run[0])
+    images = pipeline("a red square", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
+                      output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
+
+
+def test_validation_while_training_draws_what_generate_draws_from_the_export(lr_zero_run, torch_sdxl_pipeline_dir):
+    """SDXL validation: both text encoders, time ids of the target size, no negative prompt (zero conditioning,
+    as the SDXL pipeline draws without one); generate on the export gives the same grid."""
+    output_dir = lr_zero_run[0]
+    assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step_2.png"]
+    assert_validation_grid_is_what_generate_draws(os.path.join(output_dir, "validation", "step_2.png"), output_dir,
+                                                  torch_sdxl_pipeline_dir, seed=3)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++2m"])
+def test_final_latents_equal_stable_diffusion_xl_pipelines(torch_sdxl_pipeline_dir, scheduler):
+    """Our sampler against StableDiffusionXLPipeline from the same initial latents (float32, guidance 5): with a
+    negative prompt for two prompts, and without one (zero negative conditioning)."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           StableDiffusionXLPipeline)
+
+    from oracle import rel_err
+
+    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}
+    reference = StableDiffusionXLPipeline.from_pretrained(torch_sdxl_pipeline_dir)
+    reference.scheduler = classes[scheduler].from_config(reference.scheduler.config)
+    ours = generate.load_pipeline(torch_sdxl_pipeline_dir)
+    prompts = ["a red square on blue", "a green square on yellow"]
+    latents = np.random.default_rng(0).standard_normal((2, 4, RESOLUTION // 2, RESOLUTION // 2)).astype(np.float32)
+    for negative in (["a blue square", "a red square"], None):
+        want = reference(prompts, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0,
+                         height=RESOLUTION, width=RESOLUTION, latents=torch.tensor(latents),
+                         output_type="latent").images.numpy()
+        got = generate.run_sampler(ours, prompts, negative_prompt=negative, num_inference_steps=4,
+                                   guidance_scale=5.0, height=RESOLUTION, width=RESOLUTION, latents=latents,
+                                   scheduler=scheduler, output_type="latent")
+        assert rel_err(got, want) <= 1e-4, (scheduler, negative, rel_err(got, want))
+
+
+def test_the_kind_is_read_from_the_folder_and_other_kinds_are_refused(torch_sdxl_pipeline_dir, pipeline_dir, tmp_path,
+                                                                      capsys):
+    assert family.detect(torch_sdxl_pipeline_dir) is family.STABLE_DIFFUSION_XL
+    assert family.detect(pipeline_dir) is family.STABLE_DIFFUSION
+    refiner = tmp_path / "refiner"
+    refiner.mkdir()
+    (refiner / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    for folder, what in ((refiner, "an SDXL refiner"), (flux, "a FluxPipeline folder")):
+        with pytest.raises(ModelError, match=what):
+            family.detect(str(folder))
+        # refused by the command line before any data is read (a Hub dataset that would fail to load offline)
+        argv = sdxl_argv(str(folder), "unused", str(tmp_path / "out"))
+        argv[argv.index("--train_data_dir"):argv.index("--train_data_dir") + 2] = ["--dataset_name", "no-such/set"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and what in err and "SDXL base" in err, err
+
+
+def test_parts_that_do_not_fit_together_are_one_line(torch_sdxl_pipeline_dir, tmp_path):
+    """A UNet whose projection_class_embeddings_input_dim does not match the pooled embedding and time ids, and a
+    VAE override with other latent channels: ModelError naming the numbers, before anything is loaded."""
+    from t2i_flax import setup
+    from t2i_flax.config import ModelConfig
+
+    folder = tmp_path / "wrong"
+    shutil.copytree(torch_sdxl_pipeline_dir, folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["projection_class_embeddings_input_dim"] += 8
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="projection_class_embeddings_input_dim"):
+        setup.read_base_model(str(folder), ModelConfig(pretrained_model_name_or_path=str(folder)))
+
+    vae = tmp_path / "vae8"
+    shutil.copytree(os.path.join(torch_sdxl_pipeline_dir, "vae"), vae)
+    vae_config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps(dict(vae_config, latent_channels=8)))
+    model = ModelConfig(pretrained_model_name_or_path=torch_sdxl_pipeline_dir,
+                        pretrained_vae_model_name_or_path=str(vae))
+    with pytest.raises(ModelError, match="8 latent channels"):
+        setup.read_base_model(torch_sdxl_pipeline_dir, model)
