@@ -6,7 +6,7 @@ compiled ahead of time for a TPU topology on this CPU host). One JSON line per c
         --series sd15:dp:ema sd15:fsdp8:ema:start=4 sd21:fsdp8:noema:res=768 sd15:dp:ema:lora=4:start=8
     python bench/aot_fit.py table /tmp/aot_fit.jsonl          # markdown table of what was measured
 
-A series is `model:layout:ema[:res=N][:lora=R][:start=B][:max=B][:bisect]`: model sd15 | sd2-base | sd21 | tiny
+A series is `model:layout:ema[:res=N][:lora=R][:start=B][:max=B][:bisect]`: model sd15 | sd2-base | sd21 | sdxl | tiny
 (their native resolution unless res=), layout dp (--fsdp 1) | fsdp8, ema | noema. Each series compiles batch
 `start` (default 1) and doubles it while it fits (up to max, default 64), or halves it while it does not; with
 `bisect` it then bisects between the largest batch that fits and the smallest that does not (exact answer;
@@ -39,15 +39,23 @@ SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_
 
 
 def write_models(folder: str) -> None:
-    from configs import CONFIGS, NATIVE
+    from configs import CONFIGS, NATIVE, SDXL_CONFIGS
 
-    from t2i_flax import tokenizer
-    from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+    from t2i_flax import family, tokenizer
+    from t2i_flax.models import (FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection,
+                                 FlaxUNet2DConditionModel)
 
-    for name, (unet, vae, clip) in CONFIGS.items():
+    for name, (unet, vae, clip, *clip_2) in {**CONFIGS, **SDXL_CONFIGS}.items():
         root = os.path.join(folder, name)
-        for sub, cls, config in (("unet", FlaxUNet2DConditionModel, unet), ("vae", FlaxAutoencoderKL, vae),
-                                 ("text_encoder", FlaxCLIPTextModel, clip)):
+        parts = [("unet", FlaxUNet2DConditionModel, unet), ("vae", FlaxAutoencoderKL, vae),
+                 ("text_encoder", FlaxCLIPTextModel, clip)]
+        if clip_2:  # SDXL: its second text encoder and tokenizer, and the folder's kind
+            parts.append(("text_encoder_2", FlaxCLIPTextModelWithProjection, clip_2[0]))
+            tokenizer.write_tiny_clip_tokenizer(os.path.join(root, "tokenizer_2"), pad_token=tokenizer.SDXL_PAD_TOKEN)
+            os.makedirs(root, exist_ok=True)
+            with open(os.path.join(root, "model_index.json"), "w") as handle:
+                json.dump(family.STABLE_DIFFUSION_XL.model_index(), handle, indent=2)
+        for sub, cls, config in parts:
             module = cls.from_config(dict(config))
             os.makedirs(os.path.join(root, sub), exist_ok=True)
             with open(os.path.join(root, sub, cls.config_name), "w") as handle:

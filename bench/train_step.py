@@ -52,8 +52,9 @@ PEAK_FLOPS = (
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=("tiny", "sd15"), default="tiny")
-    parser.add_argument("--res", type=int, default=None, help="pixels (default: 512 for sd15, 32 for tiny)")
+    parser.add_argument("--config", choices=("tiny", "sd15", "sdxl"), default="tiny")
+    parser.add_argument("--res", type=int, default=None,
+                        help="pixels (default: 512 for sd15, 1024 for sdxl, 32 for tiny)")
     parser.add_argument("--batch", type=int, default=2, help="per device")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
@@ -176,7 +177,7 @@ def main(argv=None) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    res = args.res or (512 if args.config == "sd15" else 32)
+    res = args.res or {"sd15": 512, "sdxl": 1024}.get(args.config, 32)
 
     import jax
     import numpy as np
@@ -199,8 +200,10 @@ def main(argv=None) -> None:
     state, _ = step.create_state(built.step_config, mesh, params, args.seed)
     del params
     frozen = jax.device_put(random_like(built.frozen, rng), built.frozen_sharding)
-    host_batch = {"input_ids": rng.integers(0, built.text_encoder.vocab_size, built.batch["input_ids"].shape,
-                                            dtype=np.int32)}
+    host_batch = {name: rng.integers(0, built.text_encoder.vocab_size, built.batch[name].shape, dtype=np.int32)
+                  for name in ("input_ids", "input_ids_2") if name in built.batch}
+    if "time_ids" in built.batch:  # SDXL: original size, crop, target size
+        host_batch["time_ids"] = np.tile(np.asarray([[res, res, 0, 0, res, res]], np.float32), (global_size, 1))
     if args.cache_latents:
         latent = built.batch["latent_mean"].shape
         host_batch.update(latent_mean=rng.normal(size=latent).astype(np.float32),

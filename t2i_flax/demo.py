@@ -33,6 +33,7 @@ TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_
                       transformer_layers_per_block=[1, 1, 2], attention_head_dim=[1, 2, 4], cross_attention_dim=48,
                       use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time",
                       addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + TINY_SDXL_POOLED_DIM)
+TINY_CLIP_2_HIDDEN = 16  # SDXL's second text encoder (with a projection of TINY_SDXL_POOLED_DIM)
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[32, 64],
                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
                 norm_num_groups=32)
@@ -43,6 +44,7 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_
 DEMO_VAE = dict(TINY_VAE, block_out_channels=[8, 16, 16], norm_num_groups=4, mid_block_add_attention=False,
                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3)
 DEMO_UNET = dict(TINY_UNET, sample_size=8)
+DEMO_SDXL_UNET = dict(TINY_SDXL_UNET, sample_size=8)
 DEMO_MAX_LENGTH = 16  # text positions: the captions have at most 9 tokens; 77 would bury the two colour words
 # v-prediction (as SD 2.x): at high noise its target is mostly the image, which only the prompt can tell; an
 # epsilon target is then almost all noise, and the model learned to ignore the prompt (measured: its output
@@ -64,28 +66,40 @@ SD_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "be
                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 
 
-def write_tiny_pipeline(folder: str, seed: int = 0, prediction_type: str = "epsilon", unet_config: dict = TINY_UNET,
-                        vae_config: dict = TINY_VAE, model_max_length: int = 77) -> str:
-    """A randomly initialised, SD-shaped tiny pipeline in diffusers format, made with our own classes;
-    `model_max_length`: the tokenizer's (SD's 77, or fewer text positions for short captions)."""
+def write_tiny_pipeline(folder: str, seed: int = 0, prediction_type: str = "epsilon", unet_config: dict | None = None,
+                        vae_config: dict = TINY_VAE, model_max_length: int = 77, sdxl: bool = False) -> str:
+    """A randomly initialised, SD-shaped (or with `sdxl`, SDXL-shaped) tiny pipeline in diffusers format, made with
+    our own classes; `model_max_length`: the tokenizers' (SD's 77, or fewer text positions for short captions)."""
     import jax
 
-    from t2i_flax import export, tokenizer
-    from t2i_flax.models import FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxUNet2DConditionModel
+    from t2i_flax import family, tokenizer
+    from t2i_flax.models import (FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection,
+                                 FlaxUNet2DConditionModel)
 
     vocab_size = tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"), model_max_length)
+    components = [("unet", FlaxUNet2DConditionModel, unet_config or (TINY_SDXL_UNET if sdxl else TINY_UNET)),
+                  ("vae", FlaxAutoencoderKL, vae_config),
+                  ("text_encoder", FlaxCLIPTextModel, dict(TINY_CLIP, vocab_size=vocab_size))]
+    if sdxl:  # the second tokenizer pads with "!" as SDXL's
+        tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), model_max_length,
+                                            pad_token=tokenizer.SDXL_PAD_TOKEN)
+        components.append(("text_encoder_2", FlaxCLIPTextModelWithProjection, dict(
+            TINY_CLIP, vocab_size=vocab_size, hidden_size=TINY_CLIP_2_HIDDEN, num_attention_heads=2,
+            projection_dim=TINY_SDXL_POOLED_DIM, hidden_act="gelu")))
     key = jax.random.key(seed)
-    for index, (name, cls, config) in enumerate((
-            ("unet", FlaxUNet2DConditionModel, unet_config), ("vae", FlaxAutoencoderKL, vae_config),
-            ("text_encoder", FlaxCLIPTextModel, dict(TINY_CLIP, vocab_size=vocab_size)))):
+    for index, (name, cls, config) in enumerate(components):
         module = cls.from_config(config)
         params = jax.jit(module.init_params)(jax.random.fold_in(key, index))
         module.save_pretrained(os.path.join(folder, name), params)
+    # SDXL base ships an Euler config (leading spacing, steps_offset 1) over the same betas
+    scheduler = dict(SD_SCHEDULER, _class_name="EulerDiscreteScheduler", timestep_spacing="leading") if sdxl \
+        else SD_SCHEDULER
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as handle:
-        json.dump(dict(SD_SCHEDULER, prediction_type=prediction_type), handle, indent=2)
+        json.dump(dict(scheduler, prediction_type=prediction_type), handle, indent=2)
+    index = (family.STABLE_DIFFUSION_XL if sdxl else family.STABLE_DIFFUSION).model_index()
     with open(os.path.join(folder, "model_index.json"), "w") as handle:
-        json.dump(dict(export.model_index(), scheduler=["diffusers", "DDPMScheduler"]), handle, indent=2)
+        json.dump(dict(index, scheduler=["diffusers", scheduler["_class_name"]]), handle, indent=2)
     return folder
 
 
@@ -94,14 +108,17 @@ def spread_text_embeddings(model_dir: str, std: float = TEXT_EMBEDDING_STD) -> N
     Under two random layers and the final LayerNorm, std 0.02 gives almost the same hidden state for every
     colour word (cosine 0.95-0.97 between "red" and "yellow", measured); std 1 makes words and their positions
     distinct (cosine 0.2-0.5), as a trained text encoder's are."""
-    from t2i_flax.models import FlaxCLIPTextModel
+    from t2i_flax.family import text_encoder_class
 
-    text_encoder, params = FlaxCLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    embeddings = params["text_model"]["embeddings"]
-    for name in ("token_embedding", "position_embedding"):
-        table = embeddings[name]["embedding"]
-        embeddings[name]["embedding"] = table * (std / table.std())
-    text_encoder.save_pretrained(os.path.join(model_dir, "text_encoder"), params)
+    for component in ("text_encoder", "text_encoder_2"):
+        if not os.path.isdir(os.path.join(model_dir, component)):
+            continue
+        text_encoder, params = text_encoder_class(component).from_pretrained(model_dir, subfolder=component)
+        embeddings = params["text_model"]["embeddings"]
+        for name in ("token_embedding", "position_embedding"):
+            table = embeddings[name]["embedding"]
+            embeddings[name]["embedding"] = table * (std / table.std())
+        text_encoder.save_pretrained(os.path.join(model_dir, component), params)
 
 
 def fit_pipeline_vae(model_dir: str, data_dir: str, seed: int = 0) -> dict:
@@ -155,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdxl", action="store_true", help="the same with a tiny SDXL-shaped model")
     options = parser.parse_args(argv)
 
     from t2i_flax import cli
@@ -163,16 +181,18 @@ def main(argv=None) -> int:
     from t2i_flax import compile_cache, synthetic
 
     compile_cache.enable(None)  # the trainer's default folder: a second run reuses the compiled programs
-    model_dir = os.path.join(options.workdir, "tiny-sd")
+    kind = "sdxl" if options.sdxl else "sd"
+    model_dir = os.path.join(options.workdir, f"tiny-{kind}")
     data_dir = os.path.join(options.workdir, "shapes")
-    output_dir = os.path.join(options.workdir, "sd-shapes-model")
+    output_dir = os.path.join(options.workdir, f"{kind}-shapes-model")
     first_grid = os.path.join(output_dir, "validation", "step_0.png")
     last_grid = os.path.join(output_dir, "validation", f"step_{options.steps}.png")
     if os.path.isdir(output_dir):  # the demo's own previous output
         shutil.rmtree(output_dir)
-    print(f"demo: writing a tiny random SD pipeline to {model_dir}", flush=True)
-    write_tiny_pipeline(model_dir, seed=options.seed, prediction_type=PREDICTION_TYPE, unet_config=DEMO_UNET,
-                        vae_config=DEMO_VAE, model_max_length=DEMO_MAX_LENGTH)
+    print(f"demo: writing a tiny random {'SDXL' if options.sdxl else 'SD'} pipeline to {model_dir}", flush=True)
+    write_tiny_pipeline(model_dir, seed=options.seed, prediction_type=PREDICTION_TYPE,
+                        unet_config=DEMO_SDXL_UNET if options.sdxl else DEMO_UNET, vae_config=DEMO_VAE,
+                        model_max_length=DEMO_MAX_LENGTH, sdxl=options.sdxl)
     spread_text_embeddings(model_dir)
     print(f"demo: writing {options.images} synthetic captioned images to {data_dir}", flush=True)
     synthetic.write_synthetic_dataset(data_dir, options.images, resolution=RESOLUTION, seed=options.seed,

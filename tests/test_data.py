@@ -692,3 +692,31 @@ def test_proportion_empty_prompts_is_drawn_per_sample_and_repeats(tokenizer):
                            range(128)))
     everything = loader(tokenizer, dataset, host_batch_size=8, proportion_empty_prompts=1.0, validate_images=False)
     assert all(empties(everything.example_fn, range(16)))
+
+
+def test_sdxl_cached_examples_are_the_online_examples(tokenizer, tmp_path):
+    """--cache_latents with SDXL's order (flip, then centre crop): the cache stores the centre crop of the mirror
+    image (not the mirror of the centre crop: they differ by a pixel where the margin is odd), and the cached
+    examples carry the online examples' time ids and token ids. The "encoder" here keeps the pixels (moments =
+    the pixels, std 1), so the cached mean must be exactly the online pixel values."""
+    import jax
+
+    from t2i_flax import sharding
+    from t2i_flax.data import latent_cache
+
+    sizes = [(13, 8), (8, 13), (11, 8), (8, 8), (15, 8), (8, 9), (12, 8), (9, 8)]  # odd and even margins
+    dataset = gradient_dataset(sizes)
+    online = loader(tokenizer, dataset, host_batch_size=8, resolution=8, center_crop=True, random_flip=True,
+                    validate_images=False, tokenizer_2=tokenizer, size_conditioning=True, seed=5)
+    mesh = sharding.make_mesh(1)
+    where = sharding.batch_sharding(mesh)
+    encode = jax.jit(lambda pixels: (pixels, pixels * 0 + 1), out_shardings=(where, where))
+    cache = latent_cache.LatentCache(str(tmp_path), {"test": 1}, online.example_fn.records, True, (3, 8, 8), 0, 1,
+                                     per_host=8, flip_first=True)
+    cache.build(dataset, "image", 8, encode, mesh, show_progress=False)
+    cached = latent_cache.CachedExampleAt(online.example_fn, cache)
+    for position in range(16):
+        want, got = online.example_fn(position), cached(position)
+        np.testing.assert_array_equal(got["latent_mean"], want["pixel_values"], err_msg=str(position))
+        for key in ("input_ids", "input_ids_2", "time_ids"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{position} {key}")

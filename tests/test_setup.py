@@ -41,12 +41,15 @@ FLAG_SETS = {
     "online": [],
     "cache_latents": ["--cache_latents", "--center_crop"],
     "lora_fsdp_ema": ["--lora_rank", "4", "--fsdp", "8", "--use_ema", "--mixed_precision", "bf16"],
+    "sdxl_fsdp_ema": ["--fsdp", "8", "--use_ema", "--mixed_precision", "bf16"],
 }
 
 
 @pytest.mark.parametrize("name", list(FLAG_SETS))
-def test_the_trainer_and_aot_compile_the_same_step(monkeypatch, pipeline_dir, dataset_dir, tmp_path, name):
-    common = ["--pretrained_model_name_or_path", pipeline_dir, "--resolution", str(RESOLUTION),
+def test_the_trainer_and_aot_compile_the_same_step(monkeypatch, pipeline_dir, torch_sdxl_pipeline_dir, dataset_dir,
+                                                   tmp_path, name):
+    model = torch_sdxl_pipeline_dir if name.startswith("sdxl") else pipeline_dir
+    common = ["--pretrained_model_name_or_path", model, "--resolution", str(RESOLUTION),
               "--train_batch_size", "1", "--max_train_steps", "3", "--report_to", "none", *FLAG_SETS[name]]
     trained = trainer_program(monkeypatch, common + ["--train_data_dir", dataset_dir, "--output_dir",
                                                      str(tmp_path / "out")])
@@ -57,6 +60,9 @@ def test_the_trainer_and_aot_compile_the_same_step(monkeypatch, pipeline_dir, da
         assert "vae" not in ahead.frozen and sorted(ahead.batch) == ["input_ids", "latent_mean", "latent_std"]
         online = aot_setup(common[:-2])
         assert "vae" in online.frozen and program_text(online.lower()) != compiled_ahead
+    if name.startswith("sdxl"):  # both text encoders, both token ids and the time ids in what aot measures
+        assert "text_encoder_2" in ahead.frozen and sorted(ahead.batch) == ["input_ids", "input_ids_2",
+                                                                            "pixel_values", "time_ids"]
 
 
 def test_plan_without_data_is_the_trainers_for_the_step(pipeline_dir):

@@ -5,12 +5,12 @@ training instead of running the VAE encoder in every step.
     cache.build(encode_moments, mesh)          # the pass: resumable, each host its share, on the accelerators
     loader = loader.with_examples(CachedExampleAt(loader.example_fn, cache))
 
-What is stored: per image its posterior's mean and std (float32, (C, h, w)), of the center-cropped image
-and, with --random_flip, of its mirror image too (the VAE is not exactly mirror-symmetric, so both are
-encoded; for SDXL, which flips before it crops, the centre crop of the flipped image), and the image's size
-after the resize and as decoded (SDXL's time ids hold the latter). The step then samples latent = mean + std * noise with the same
-random stream as the online step (t2i_flax/step.py), so the losses equal the online path's to float
-rounding. Random crops would need one entry per crop and cannot be cached (refused by the config).
+What is stored: per image its posterior's mean and std (float32, (C, h, w)), of the center-cropped image and,
+with --random_flip, of its mirror image too (the VAE is not exactly mirror-symmetric, so both are encoded; for
+SDXL, which flips before it crops, the centre crop of the flipped image), and the image's size after the
+resize and as decoded (SDXL's time ids hold the latter). The step then samples latent = mean + std * noise
+with the same random stream as the online step (t2i_flax/step.py), so the losses equal the online path's to
+float rounding. Random crops would need one entry per crop and cannot be cached (refused by the config).
 
 Layout: <directory>/<key>/ with `meta.json` and one set of .npy files per (chunk, process): the usable
 records are cut into global chunks of `process_count x per_host` records, host p encodes its part of

@@ -142,7 +142,10 @@ class Sampler:
         """The program's arguments after the params, moved explicitly (so that a caller running under
         jax.transfer_guard("disallow") can place them once and call `program`/a compiled one)."""
         replicated = sharding.replicated(self.mesh)
-        place = lambda ids: None if ids is None else jax.tree_util.tree_map(self.place_batch, as_text_inputs(ids))  # noqa: E731
+
+        def place(ids):
+            return None if ids is None else jax.tree_util.tree_map(self.place_batch, as_text_inputs(ids))
+
         if guidance_scale > 1.0 and negative_ids_BL is None and not self.force_zeros_for_empty_prompt:
             raise errors.FlagError("classifier-free guidance needs negative prompt ids (\"\" for none)")
         negative = place(negative_ids_BL) if guidance_scale > 1.0 else None
@@ -218,7 +221,8 @@ class Sampler:
         if guidance:
             if negative_ids_BL is None:  # zero conditioning (SDXL's force_zeros_for_empty_prompt)
                 negative_embeddings_BLD = jnp.zeros_like(text_embeddings_BLD)
-                negative_added = None if added is None else dict(added, text_embeds=jnp.zeros_like(added["text_embeds"]))
+                negative_added = None if added is None else dict(
+                    added, text_embeds=jnp.zeros_like(added["text_embeds"]))
             else:
                 negative_embeddings_BLD, negative_added = self._encode(params, negative_ids_BL, time_ids_B6)
             context_NLD = constrain(jnp.concatenate([negative_embeddings_BLD, text_embeddings_BLD]))

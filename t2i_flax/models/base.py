@@ -52,13 +52,14 @@ def check_config(model: str, config: dict, supported: Sequence[str], off: Mappin
             allowed = off[key]
             if callable(allowed) and not allowed(value):
                 raise ModelError(f"{model} config {key}={value!r} is not supported by t2i_flax; "
-                                 "only SD 1.x/2.x models are")
+                                 "t2i_flax trains SD 1.x/2.x and SDXL models")
             if not callable(allowed) and value not in allowed:
                 raise ModelError(f"{model} config {key}={value!r} is not supported by t2i_flax (supported: "
-                                 f"{' or '.join(repr(a) for a in allowed)}); only SD 1.x/2.x models are")
+                                 f"{' or '.join(repr(a) for a in allowed)}); t2i_flax trains SD 1.x/2.x and SDXL "
+                                 f"models")
         else:
             raise ModelError(f"{model} config has unknown key {key!r} (value {value!r}); it is not supported by "
-                             "t2i_flax; only SD 1.x/2.x models are")
+                             "t2i_flax; t2i_flax trains SD 1.x/2.x and SDXL models")
     return kwargs
 
 
