@@ -63,6 +63,9 @@ def test_the_trainer_and_aot_compile_the_same_step(monkeypatch, pipeline_dir, to
     if name.startswith("sdxl"):  # both text encoders, both token ids and the time ids in what aot measures
         assert "text_encoder_2" in ahead.frozen and sorted(ahead.batch) == ["input_ids", "input_ids_2",
                                                                             "pixel_values", "time_ids"]
+        # the second text encoder is sharded by the same table as everything else (SDXL's is 0.7B parameters)
+        specs = [leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(ahead.frozen["text_encoder_2"])]
+        assert any("fsdp" in str(spec) for spec in specs), specs[:5]
 
 
 def test_plan_without_data_is_the_trainers_for_the_step(pipeline_dir):
