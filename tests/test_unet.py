@@ -29,6 +29,10 @@ F32_TOL = 1e-5
 # Against the stored output of diffusers 0.39's legacy Flax UNet, not the oracle: that output is itself
 # 4.9e-5 off PyTorch, and ours measures 4.9e-5 from it; about 2x.
 LEGACY_FLAX_TOL = 1e-4
+# The same for the SDXL-shaped legacy fixture (legacy_sdxl_unet, 6 transformer layers): its stored legacy Flax
+# output is 9.1e-5 off PyTorch (its GEGLU's tanh-approximate gelu alone: 3.4e-5 with an exact one) and ours
+# measures 9.3e-5 from it, while ours is 1.6e-6 from the stored PyTorch output; about 2x.
+LEGACY_FLAX_SDXL_TOL = 2e-4
 # bf16 compute (8 mantissa bits, ~4e-3 relative per rounding) through ~40 layers of a random net;
 # measured about 1e-2 (sd2 1.3e-2, sdxl 9.0e-3), parameters and the timestep sinusoids stay float32.
 BF16_TOL = 5e-2
@@ -353,3 +357,19 @@ def test_legacy_flax_msgpack_loads_and_matches():
     print("unet legacy fixture float32 rel err", errors)
     assert errors["torch_out"] <= F32_TOL, errors
     assert errors["legacy_flax_out"] <= LEGACY_FLAX_TOL, errors
+
+
+def test_legacy_flax_sdxl_msgpack_loads_and_matches():
+    # tests/fixtures/legacy_sdxl_unet (make_legacy_sdxl_unet.py): a diffusers 0.39 FlaxUNet2DConditionModel save
+    # (bf16 msgpack) of TINY_SDXL_UNET's layout: addition_embed_type "text_time" (add_embedding params, pooled
+    # text_embeds and time_ids), transformer_layers_per_block (1, 1, 2), per-block heads (1, 2, 4)
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_sdxl_unet")
+    module, params = FlaxUNet2DConditionModel.from_pretrained(folder)
+    ref = np.load(os.path.join(folder, "reference.npz"))
+    added = {"text_embeds": ref["text_embeds"], "time_ids": ref["time_ids"]}
+    out = jax.jit(lambda p, x, t, c, a: module.apply({"params": p}, x, t, c, added_cond_kwargs=a).sample)(
+        params, ref["sample"], ref["timesteps"], ref["encoder_hidden_states"], added)
+    errors = {"torch_out": rel_err(out, ref["torch_out"]), "legacy_flax_out": rel_err(out, ref["out"])}
+    print("unet legacy sdxl fixture float32 rel err", errors)
+    assert errors["torch_out"] <= F32_TOL, errors
+    assert errors["legacy_flax_out"] <= LEGACY_FLAX_SDXL_TOL, errors
