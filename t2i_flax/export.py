@@ -44,14 +44,10 @@ def _write_json(path: str, content: dict) -> None:
 
 
 def export_pipeline(output_dir: str, components: dict, training_scheduler_config: dict, prediction_type: str,
-                    tokenizer_dir, family=None) -> None:
-    """`components`: {"unet"|"vae"|"text_encoder"[|"text_encoder_2"]: (module, host params)}; `tokenizer_dir`: the
-    base's tokenizer folder, or {folder name: path} for each tokenizer. `family`: family.StableDiffusion (default)
-    or StableDiffusionXL, which keeps the base model's scheduler."""
-    from t2i_flax.family import STABLE_DIFFUSION
-
-    family = family or STABLE_DIFFUSION
-    tokenizer_dirs = tokenizer_dir if isinstance(tokenizer_dir, dict) else {"tokenizer": tokenizer_dir}
+                    tokenizer_dirs: dict, family) -> None:
+    """`components`: {"unet"|"vae"|"text_encoder"[|"text_encoder_2"]: (module, host params)}; `tokenizer_dirs`:
+    {folder name: the base's folder} of each tokenizer. `family`: family.StableDiffusion, or StableDiffusionXL,
+    which keeps the base model's scheduler."""
     os.makedirs(output_dir, exist_ok=True)
     for name, (module, params) in components.items():
         module.save_pretrained(os.path.join(output_dir, name), params)
@@ -130,6 +126,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
     from t2i_flax import checkpoint, hub, resume, trainable
     from t2i_flax.config import RunConfig
     from t2i_flax.diffusion.noise import read_scheduler_config, schedule_from_config
+    from t2i_flax.family import detect
     from t2i_flax.models import FlaxUNet2DConditionModel
 
     if checkpoint.is_remote(checkpoint_path) or os.path.isdir(checkpoint_path):
@@ -157,8 +154,6 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
     params = jax.device_get(checkpoints.restore(step, {item: abstract})[item])
     scheduler_config = read_scheduler_config(model_dir)
     prediction_type = schedule_from_config(scheduler_config, config.model.prediction_type).prediction_type
-    from t2i_flax.family import detect
-
     trained_kind.export(PipelineWriter(output_dir, model_dir, config.model.variant, unet, scheduler_config,
                                        prediction_type, detect(model_dir),
                                        config.model.pretrained_vae_model_name_or_path), params)

@@ -127,11 +127,6 @@ def encode_latents(config: StepConfig, frozen: dict, pixel_values, posterior_noi
     return (mean + std * posterior_noise) * config.vae.scaling_factor
 
 
-def text_embeddings(config: StepConfig, frozen: dict, input_ids):
-    """The frozen CLIP text encoder's last hidden state (B, L, D) (SD 1.x/2.x's conditioning)."""
-    return conditioning(config, frozen, {"input_ids": input_ids})[0]
-
-
 def conditioning(config: StepConfig, frozen: dict, batch: dict):
     """(the UNet's context (B, L, D), its added conditions or None) from the frozen text encoders (the family's)."""
     return config.family.condition(config.modules, frozen, batch)

@@ -678,7 +678,7 @@ def test_sdxl_examples_are_the_sdxl_scripts_crop_flip_and_time_ids(tokenizer, ce
 
 def test_proportion_empty_prompts_is_drawn_per_sample_and_repeats(tokenizer):
     """--proportion_empty_prompts: about that fraction of the captions become "", the same ones on every read of
-    the same (epoch, record), and without it the streams are those of a run that never had it."""
+    the same (epoch, record); 0 (the default) empties none, 1 all."""
     dataset = solid_dataset(64)
     empty_ids = tokenizer("", max_length=77, padding="max_length", truncation=True)["input_ids"]
 
