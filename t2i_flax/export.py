@@ -1,7 +1,8 @@
-"""Writes the trained model as a diffusers StableDiffusionPipeline folder (safetensors, PyTorch names)
-that `StableDiffusionPipeline.from_pretrained(output_dir)` loads as it is: no safety checker download,
-an inference scheduler with steps_offset=1 and the model's prediction_type. What is written with it (a LoRA
-file, a merged pipeline) is decided by what was trained (t2i_flax/trainable.py, through `PipelineWriter`).
+"""Writes the trained model as a diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) folder
+(safetensors, PyTorch names) that `from_pretrained(output_dir)` loads as it is: no safety checker download,
+the base model's own scheduler (class and config, as the PyTorch scripts keep it) with the prediction type
+trained for. What is written with it (a LoRA file, a merged pipeline) is decided by what was trained
+(t2i_flax/trainable.py, through `PipelineWriter`).
 
     python -m t2i_flax.export --checkpoint <output_dir>/checkpoints/<step> --output_dir DIR [--no_ema]"""
 from __future__ import annotations
@@ -14,17 +15,6 @@ import shutil
 from t2i_flax.errors import CheckpointError
 
 DIFFUSERS_VERSION = "0.42.1"
-TRAINING_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-
-
-def inference_scheduler_config(training_config: dict, prediction_type: str) -> dict:
-    """PNDM (the SD default) over the same betas the model was trained with."""
-    config = {key: training_config[key] for key in TRAINING_SCHEDULE_KEYS if key in training_config}
-    config.update({"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-                   "prediction_type": prediction_type, "set_alpha_to_one": False, "skip_prk_steps": True,
-                   "steps_offset": 1, "timestep_spacing": "leading"})
-    return config
-
 
 def model_index() -> dict:
     """model_index.json of an SD 1.x/2.x pipeline."""
@@ -58,11 +48,8 @@ def export_pipeline(output_dir: str, components: dict, training_scheduler_config
         shutil.copytree(source, tokenizer_out)
     os.makedirs(os.path.join(output_dir, "scheduler"), exist_ok=True)
     index = family.model_index()
-    if family.keeps_base_scheduler:
-        scheduler = base_inference_scheduler_config(training_scheduler_config, prediction_type)
-        index["scheduler"] = ["diffusers", scheduler.get("_class_name", index["scheduler"][1])]
-    else:
-        scheduler = inference_scheduler_config(training_scheduler_config, prediction_type)
+    scheduler = base_inference_scheduler_config(training_scheduler_config, prediction_type)
+    index["scheduler"] = ["diffusers", scheduler.get("_class_name", index["scheduler"][1])]
     _write_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"), scheduler)
     _write_json(os.path.join(output_dir, "model_index.json"), index)
 

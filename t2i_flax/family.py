@@ -52,7 +52,6 @@ class StableDiffusion:
     text_encoders = ("text_encoder",)
     tokenizer_folders = ("tokenizer",)
     size_conditioning = False     # SDXL's time ids
-    keeps_base_scheduler = False  # the export's scheduler: PNDM (the documented Flax script's), or the base's
     hub_tags = ("stable-diffusion", "stable-diffusion-diffusers")
 
     def load(self, model_dir: str, dtype, *, variant: str | None = None, attention: str | None = None,
@@ -121,7 +120,6 @@ class StableDiffusionXL(StableDiffusion):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizer_folders = ("tokenizer", "tokenizer_2")
     size_conditioning = True
-    keeps_base_scheduler = True
     hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
     def check(self, modules: Modules) -> None:

@@ -155,6 +155,12 @@ class TrainSetup:
     def place_frozen(self, params: dict) -> dict:
         return jax.device_put(self.frozen_params(params), self.frozen_sharding)
 
+    @property
+    def sampling_scheduler_config(self) -> dict:
+        """The base model's scheduler config with the prediction type trained for: what validation draws with and
+        what the export writes (a --prediction_type other than the base's changes both)."""
+        return dict(self.base.scheduler_config, prediction_type=self.noise_schedule.prediction_type)
+
     def sampler_unet(self, state, frozen: dict):
         """(the sampler's params["unet"], its unet_fn) for the weights that are exported (the EMA with
         --use_ema); arrays or ShapeDtypeStructs."""

@@ -258,7 +258,7 @@ def make_validation(config: RunConfig, built: setup.TrainSetup, frozen: dict, st
         return None
     unet_params, unet_fn = built.sampler_unet(state, frozen)
     validation = Validation(config.validation, built.mesh, built.unet, built.vae, built.text_encoder,
-                            built.base.tokenizer, built.base.scheduler_config, frozen["text_encoder"], vae_params,
+                            built.base.tokenizer, built.sampling_scheduler_config, frozen["text_encoder"], vae_params,
                             _abstract(unet_params), config.data.resolution, config.train.seed,
                             config.output.output_dir, unet_fn=unet_fn, text_encoder_2=built.modules.text_encoder_2,
                             tokenizer_2=built.base.tokenizer_2, text_2_params=frozen.get("text_encoder_2"),

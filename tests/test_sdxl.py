@@ -82,7 +82,7 @@ def test_validation_while_training_draws_what_generate_draws_from_the_export(lr_
     output_dir = lr_zero_run[0]
     assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step_2.png"]
     assert_validation_grid_is_what_generate_draws(os.path.join(output_dir, "validation", "step_2.png"), output_dir,
-                                                  torch_sdxl_pipeline_dir, seed=3)
+                                                  seed=3)
 
 
 @pytest.mark.parametrize("scheduler,negative", [("ddim", ["a blue square", "a red square"]), ("euler", None),

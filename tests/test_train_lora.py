@@ -55,7 +55,7 @@ def test_validation_while_training_draws_what_generate_draws_with_the_lora(train
     """The last validation grid (the EMA of the adapters on the frozen UNet) equals `generate --lora` of the
     exported file on the base model."""
     assert_validation_grid_is_what_generate_draws(os.path.join(trained, "validation", "step_4.png"),
-                                                  torch_pipeline_dir, torch_pipeline_dir, seed=2, lora=trained)
+                                                  torch_pipeline_dir, seed=2, lora=trained)
 
 
 def test_diffusers_loads_the_trained_file_and_draws_what_our_unet_draws(trained, torch_pipeline_dir):

@@ -143,7 +143,7 @@ def validation_report(setup) -> dict:
     mesh = setup.mesh
     count = len(settings.validation_prompts) * settings.num_validation_images
     batch = -(-count // mesh.size) * mesh.size
-    scheduler = schedulers.make_scheduler(setup.base.scheduler_config, settings.validation_num_inference_steps,
+    scheduler = schedulers.make_scheduler(setup.sampling_scheduler_config, settings.validation_num_inference_steps,
                                           settings.validation_scheduler)
     unet_params, unet_fn = setup.sampler_unet(setup.state, setup.frozen)
     unet_params = jax.tree_util.tree_map(
