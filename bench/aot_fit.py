@@ -6,11 +6,11 @@ compiled ahead of time for a TPU topology on this CPU host). One JSON line per c
         --series sd15:dp:ema sd15:fsdp8:ema:start=4 sd21:fsdp8:noema:res=768 sd15:dp:ema:lora=4:start=8
     python bench/aot_fit.py table /tmp/aot_fit.jsonl          # markdown table of what was measured
 
-A series is `model:layout:ema[:res=N][:lora=R][:start=B][:max=B][:bisect]`: model sd15 | sd2-base | sd21 | sdxl | tiny
+A series is `model:layout:ema[:res=N][:lora=R][:start=B][:max=B][:known=B][:bisect]`: model sd15 | sd2-base | sd21 | sdxl | tiny
 (their native resolution unless res=), layout dp (--fsdp 1) | fsdp8, ema | noema. Each series compiles batch
 `start` (default 1) and doubles it while it fits (up to max, default 64), or halves it while it does not; with
 `bisect` it then bisects between the largest batch that fits and the smallest that does not (exact answer;
-without it the answer is "fits B, 2B does not"). Series run `--jobs` at a time, each compile in its own
+without it the answer is "fits B, 2B does not"; `known=B`: batch B is known to fit, never compiled again). Series run `--jobs` at a time, each compile in its own
 `python -m t2i_flax.aot --json` process bounded by --timeout; no compile starts after --budget_min. The flags
 are the trainer's: --mixed_precision bf16, --train_batch_size B, --resolution, --fsdp, --use_ema, --lora_rank.
 
@@ -72,7 +72,7 @@ def parse_series(text: str) -> dict:
 
     model, layout, ema, *options = text.split(":")
     series = {"model": model, "fsdp": 1 if layout == "dp" else int(layout.removeprefix("fsdp")),
-              "ema": ema == "ema", "res": NATIVE[model][0], "lora": None, "start": 1, "max": 64, "bisect": False}
+              "ema": ema == "ema", "res": NATIVE[model][0], "lora": None, "start": 1, "max": 64, "known": 0, "bisect": False}
     for option in options:
         if option == "bisect":
             series["bisect"] = True
@@ -118,7 +118,7 @@ def compile_once(models: str, series: dict, batch: int, args) -> dict:
 
 
 def run_series(models, series, args, deadline, out, lock):
-    fits, fails = 0, None  # the largest batch known to fit, the smallest known not to
+    fits, fails = series["known"], None  # the largest batch known to fit, the smallest known not to
     batch = series["start"]
     while batch is not None and time.time() < deadline:
         record = compile_once(models, series, batch, args)
