@@ -6,6 +6,8 @@
     python bench/data_scan.py startup /tmp/jpegs --hf_cache /tmp/hf --module /tmp/data_old.py # the old module
     python bench/data_scan.py shares /tmp/jpegs --hf_cache /tmp/hf --hosts 1 2 4 8            # one host's share
     python bench/data_scan.py throughput /tmp/jpegs --hf_cache /tmp/hf --workers 0 1 2
+    python bench/data_scan.py make /tmp/mixed --n 2000 --size 512 --mixed   # t2i_flax.synthetic's aspect ratios
+    python bench/data_scan.py throughput /tmp/mixed --hf_cache /tmp/hf --workers 1 2 --aspect_ratio_buckets
 
 startup: in this (fresh) process, the time from calling build_train_loader (load the dataset from the
 `datasets` cache, scan or read the scan file, set up) to the first host batch, split into load_s (the
@@ -16,7 +18,8 @@ work: every host decodes every image).
 shares: the scan of host 0's share for P hosts (positions 0, P, 2P, ...): what each host of a P-host run
 pays (the exchange is one allgather of N/8 bytes per host and is not in this number).
 throughput: host batches per second of the running pipeline (after --warmup batches: worker start-up) for each
---dataloader_num_workers value, as images/s and images/s per worker process.
+--dataloader_num_workers value, as images/s and images/s per worker process (--aspect_ratio_buckets: the images
+trained at their buckets' sizes).
 """
 from __future__ import annotations
 
@@ -37,20 +40,26 @@ sys.path.insert(0, os.environ.get("T2I_FLAX_PATH") or os.path.dirname(BENCH_DIR)
 
 def _write_jpeg(job):
     """One JPEG: smooth colour fields, a few rectangles and mild noise (compresses like a photo: ~50-100 KB)."""
-    folder, index, size = job
+    folder, index, size, mixed = job
     from PIL import Image
 
+    width = height = size
+    if mixed:  # about size^2 pixels at one of the synthetic dataset's aspect ratios, in turn
+        from t2i_flax.synthetic import ASPECT_RATIOS
+
+        ratio_w, ratio_h = ASPECT_RATIOS[index % len(ASPECT_RATIOS)]
+        width, height = round(size * (ratio_w / ratio_h) ** 0.5), round(size * (ratio_h / ratio_w) ** 0.5)
     rng = np.random.default_rng(index)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / size
     channels = []
     for _ in range(3):
         fx, fy, phase = rng.uniform(0.5, 6, 2).tolist() + [rng.uniform(0, 6.28)]
         channels.append(127 + 100 * np.sin(6.28 * (fx * x + fy * y) + phase))
     pixels = np.stack(channels, -1)
     for _ in range(6):
-        top, left = rng.integers(0, size - 32, 2)
-        height, width = rng.integers(16, size // 3, 2)
-        pixels[top:top + height, left:left + width] = rng.uniform(0, 255, 3)
+        top, left = rng.integers(0, min(width, height) - 32, 2)
+        box_height, box_width = rng.integers(16, size // 3, 2)
+        pixels[top:top + box_height, left:left + box_width] = rng.uniform(0, 255, 3)
     pixels += 6 * rng.standard_normal(pixels.shape, dtype=np.float32)
     name = f"{index:06d}.jpg"
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, name), quality=90)
@@ -61,7 +70,7 @@ def make(args) -> dict:
     os.makedirs(args.folder, exist_ok=True)
     start = time.perf_counter()
     with multiprocessing.Pool(args.processes) as pool:
-        names = pool.map(_write_jpeg, [(args.folder, i, args.size) for i in range(args.n)], chunksize=64)
+        names = pool.map(_write_jpeg, [(args.folder, i, args.size, args.mixed) for i in range(args.n)], chunksize=64)
     with open(os.path.join(args.folder, "metadata.jsonl"), "w") as f:
         for i, name in enumerate(names):
             f.write(json.dumps({"file_name": name, "text": f"a synthetic photo number {i}"}) + "\n")
@@ -101,7 +110,7 @@ def _data_config(args, num_workers: int = 0):
     from t2i_flax.config import DataConfig
 
     return DataConfig(train_data_dir=args.folder, resolution=args.res, center_crop=False, random_flip=True,
-                      dataloader_num_workers=num_workers)
+                      dataloader_num_workers=num_workers, aspect_ratio_buckets=args.aspect_ratio_buckets)
 
 
 def _loader_options(args) -> dict:
@@ -175,7 +184,7 @@ def throughput(args) -> list[dict]:
         seconds = time.perf_counter() - start
         iterator.close()
         images_per_s = args.batches * args.batch / seconds
-        lines.append({"bench": "throughput", "workers": workers,
+        lines.append({"bench": "throughput", "workers": workers, "buckets": args.aspect_ratio_buckets,
                       "decoders": f"{loader.prefetch_batches} threads" if workers == 0 else f"{workers} processes",
                       "batch": args.batch, "res": args.res, "batches": args.batches,
                       "img_per_s": round(images_per_s, 1),
@@ -199,6 +208,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="throughput: untimed batches first")
     parser.add_argument("--batch", type=int, default=8, help="host batch")
     parser.add_argument("--res", type=int, default=512)
+    parser.add_argument("--mixed", action="store_true", help="make: mixed aspect ratios")
+    parser.add_argument("--aspect_ratio_buckets", action="store_true", help="throughput: train in buckets")
     args = parser.parse_args(argv)
     args.scan_file_for_throughput = os.path.join(args.hf_cache, "bench_data_scan.json")
     results = {"make": make, "startup": startup, "shares": shares, "throughput": throughput}[args.command](args)

@@ -28,26 +28,42 @@ def loader_over_cache(config: RunConfig, loader, built, vae_params):
     encoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype),
                                      {name: vae_params[name] for name in step.VAE_ENCODER_PARAMS})
     factor = 2 ** (len(vae.block_out_channels) - 1)
-    latent_hw = data_config.resolution // factor
     key_fields = {"vae_encoder": latent_cache.params_digest(encoder), "dtype": jnp.dtype(dtype).name,
                   "vae_config": vae.to_config(), "dataset": loader.dataset_identity,
                   "image_column": data_config.image_column, "resolution": data_config.resolution, "center_crop": True}
     local = jax.local_device_count()
     online = loader.example_fn
-    cache = latent_cache.LatentCache(
-        data_config.latent_cache_dir or os.path.join(config.output.output_dir, "latent_cache"), key_fields,
-        online.records, data_config.random_flip, (vae.latent_channels, latent_hw, latent_hw), jax.process_index(),
-        jax.process_count(), per_host=-(-64 // local) * local, flip_first=online.size_conditioning)
     placed = jax.device_put(encoder, sharding.tree_shardings(mesh, encoder))
     where = sharding.batch_sharding(mesh)
     encode = jax.jit(lambda params, pixels: step.posterior_moments(vae, params, pixels), out_shardings=(where, where))
     encode_pixels = functools.partial(encode, placed)
-    start = time.perf_counter()
-    encoded = cache.build(online.dataset, data_config.image_column, data_config.resolution, encode_pixels, mesh,
-                          show_progress=jax.process_index() == 0)
-    seconds = time.perf_counter() - start
-    what = f"encoded {encoded} of {cache.num_chunks} chunks in {seconds:.1f}s" if encoded else "complete"
-    log(f"latent cache: {cache.root} ({len(online.records)} images{' x 2 flips' if data_config.random_flip else ''}, "
-        f"{what})")
+    caches = {}
+    for target, records in images_by_size(online).items():
+        width, height = target
+        fields = key_fields if online.buckets is None else dict(key_fields, bucket=[width, height])
+        cache = latent_cache.LatentCache(
+            data_config.latent_cache_dir or os.path.join(config.output.output_dir, "latent_cache"), fields,
+            records, data_config.random_flip, (vae.latent_channels, height // factor, width // factor),
+            jax.process_index(), jax.process_count(), per_host=-(-64 // local) * local,
+            flip_first=online.size_conditioning)
+        start = time.perf_counter()
+        encoded = cache.build(online.dataset, data_config.image_column, target, encode_pixels, mesh,
+                              show_progress=jax.process_index() == 0)
+        seconds = time.perf_counter() - start
+        what = f"encoded {encoded} of {cache.num_chunks} chunks in {seconds:.1f}s" if encoded else "complete"
+        at = "" if online.buckets is None else f" at {width}x{height}"
+        log(f"latent cache: {cache.root} ({len(records)} images{at}"
+            f"{' x 2 flips' if data_config.random_flip else ''}, {what})")
+        caches[target] = cache
     del placed, encode_pixels  # the VAE encoder leaves the devices
-    return loader.with_examples(latent_cache.CachedExampleAt(online, cache))
+    return loader.with_examples(latent_cache.CachedExampleAt(online, caches))
+
+
+def images_by_size(online) -> dict:
+    """{(width, height): the record indices trained at that size}: every usable record at the square resolution,
+    or the records of each aspect-ratio bucket that holds a global batch."""
+    if online.buckets is None:
+        return {(online.resolution, online.resolution): online.records}
+    plan = online.buckets
+    return {plan.sizes[bucket]: online.records[plan.bucket_of == bucket]
+            for bucket in range(len(plan.sizes)) if plan.counts[bucket] >= plan.global_batch_size}

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--proportion_empty_prompts", type=float, default=0.0,
       help="Fraction of captions replaced by an empty one (so that guidance has an unconditional prediction).")
     a("--dataloader_num_workers", type=int, default=0, help="Decode worker processes (0: in the main process).")
+    a("--aspect_ratio_buckets", action="store_true",
+      help="Train each image at the bucket size nearest its aspect ratio (kohya's rule; see README).")
+    a("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this.")
+    a("--min_bucket_resolution", type=int, default=256, help="The shortest bucket side.")
+    a("--max_bucket_resolution", type=int, default=None, help="The longest bucket side (default 2 x --resolution).")
     a("--cache_latents", action="store_true",
       help="Encode every image once (both flips with --random_flip); train from the stored VAE posteriors.")
     a("--latent_cache_dir", type=str, default=None,
@@ -107,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="ddim | pndm | euler | dpm++2m (default: the model's scheduler).")
     a("--validation_num_inference_steps", type=int, default=20)
     a("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance (<= 1: off).")
+    a("--validation_height", type=int, default=None, help="Validation images' height (default --resolution).")
+    a("--validation_width", type=int, default=None, help="Validation images' width (default --resolution).")
     # LoRA
     a("--lora_rank", "--rank", dest="lora_rank", type=int, default=None,
       help="Train LoRA adapters of this rank on the frozen UNet (default: full fine-tuning).")

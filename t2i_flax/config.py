@@ -69,6 +69,27 @@ class ModelConfig:
             raise FlagError("--attention cudnn needs --mixed_precision bf16 (cuDNN flash attention has no float32)")
 
 
+def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
+    """The bucket set [(width, height)], sorted by aspect ratio, from the tallest to the widest."""
+    area = resolution * resolution
+    sizes, longest = set(), max_side // step * step
+    for width in range(-(-min_side // step) * step, longest + 1, step):
+        height = min(longest, area // width // step * step)
+        if height >= min_side:
+            sizes.update({(width, height), (height, width)})
+    return sorted(sizes, key=lambda size: (size[0] / size[1], size[0]))
+
+
+def checked_bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
+    """`bucket_sizes`, or a FlagError (one line, naming the numbers) when the flags leave no bucket."""
+    sizes = bucket_sizes(resolution, step, min_side, max_side)
+    if not sizes:
+        raise FlagError(f"--aspect_ratio_buckets: no bucket has both sides multiples of --bucket_step {step} within "
+                        f"[--min_bucket_resolution {min_side}, --max_bucket_resolution {max_side}] and at most "
+                        f"--resolution {resolution} squared pixels: lower --min_bucket_resolution or --bucket_step")
+    return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the captioned images come from and how they become a batch."""
@@ -85,6 +106,10 @@ class DataConfig:
     cache_latents: bool = False             # encode every image once; the step reads the stored posterior
     latent_cache_dir: str | None = None     # default <output_dir>/latent_cache; shared storage on several hosts
     proportion_empty_prompts: float = 0.0   # captions replaced by "" (drawn from each sample's random stream)
+    aspect_ratio_buckets: bool = False      # each image at the bucket size nearest its shape (data/buckets.py)
+    bucket_step: int = 64
+    min_bucket_resolution: int = 256
+    max_bucket_resolution: int | None = None  # default 2 x resolution
     # Cached latents give the online path's losses to float rounding: switching on resume is allowed.
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"dataloader_num_workers", "cache_latents", "latent_cache_dir"})
 
@@ -100,6 +125,22 @@ class DataConfig:
                             "cannot be cached (flips can: both are stored)")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise FlagError(f"--proportion_empty_prompts {self.proportion_empty_prompts} must be between 0 and 1")
+        if self.aspect_ratio_buckets:
+            _positive(self, "bucket_step", "min_bucket_resolution", "max_bucket_resolution")
+            if self.bucket_step % 8:
+                raise FlagError(f"--bucket_step {self.bucket_step} must be a multiple of 8 (the VAE downsamples by 8)")
+            checked_bucket_sizes(self.resolution, self.bucket_step, self.min_bucket_resolution, self.bucket_max_side)
+
+    @property
+    def bucket_max_side(self) -> int:
+        """--max_bucket_resolution, default twice --resolution."""
+        return self.max_bucket_resolution or 2 * self.resolution
+
+    def train_sizes(self) -> list[tuple[int, int]]:
+        """Every (width, height) a step may train at: the bucket set, or the square."""
+        if not self.aspect_ratio_buckets:
+            return [(self.resolution, self.resolution)]
+        return bucket_sizes(self.resolution, self.bucket_step, self.min_bucket_resolution, self.bucket_max_side)
 
     def check_paths(self) -> None:
         # With --dataset_name, datasets reads --train_data_dir as a folder of that dataset (it need not be local).
@@ -241,17 +282,27 @@ class ValidationConfig:
     validation_scheduler: str | None = None  # default: the model's own scheduler
     validation_num_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
+    validation_height: int | None = None    # default --resolution
+    validation_width: int | None = None
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"validation_prompts", "validation_epochs", "validation_steps",
                                                  "num_validation_images", "validation_scheduler",
-                                                 "validation_num_inference_steps", "validation_guidance_scale"})
+                                                 "validation_num_inference_steps", "validation_guidance_scale",
+                                                 "validation_height", "validation_width"})
 
     def __post_init__(self):
         object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts or ()))
         _positive(self, "validation_epochs", "validation_steps", "num_validation_images",
-                  "validation_num_inference_steps")
+                  "validation_num_inference_steps", "validation_height", "validation_width")
+        for name in ("validation_height", "validation_width"):
+            if getattr(self, name) is not None and getattr(self, name) % 8:
+                raise FlagError(f"--{name} {getattr(self, name)} must be a multiple of 8 (the VAE downsamples by 8)")
         _one_of("validation_scheduler", self.validation_scheduler, (None,) + SAMPLERS)
         if not self.validation_guidance_scale >= 0:
             raise FlagError(f"--validation_guidance_scale must be >= 0 (got {self.validation_guidance_scale})")
+
+    def size(self, resolution: int) -> tuple[int, int]:
+        """(height, width) of the validation images."""
+        return self.validation_height or resolution, self.validation_width or resolution
 
     def interval(self, steps_per_epoch: int) -> int:
         """Steps between validation passes (0: no validation)."""

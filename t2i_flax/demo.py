@@ -4,7 +4,10 @@ images first (1000 Adam steps), then the UNet trained with the real command line
 card. The last validation grid shows each prompt's colours; the untrained model's grid (step 0) does not.
 No torch, no network.
 
-    python -m t2i_flax.demo [--workdir demo_output] [--steps 800] [--seed 1]
+    python -m t2i_flax.demo [--workdir demo_output] [--steps 800] [--seed 1] [--sdxl] [--aspect_ratio_buckets]
+
+With --aspect_ratio_buckets the images come at mixed aspect ratios (squares, portraits, landscapes, 2:1 and 3:1)
+and train in aspect-ratio buckets; the VAE is fitted on the square images of the same shapes and colours.
 """
 from __future__ import annotations
 
@@ -173,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl", action="store_true", help="the same with a tiny SDXL-shaped model")
+    parser.add_argument("--aspect_ratio_buckets", action="store_true",
+                        help="images at mixed aspect ratios, trained in aspect-ratio buckets")
     options = parser.parse_args(argv)
 
     from t2i_flax import cli
@@ -183,8 +188,10 @@ def main(argv=None) -> int:
     compile_cache.enable(None)  # the trainer's default folder: a second run reuses the compiled programs
     kind = "sdxl" if options.sdxl else "sd"
     model_dir = os.path.join(options.workdir, f"tiny-{kind}")
-    data_dir = os.path.join(options.workdir, "shapes")
-    output_dir = os.path.join(options.workdir, f"{kind}-shapes-model")
+    square_dir = os.path.join(options.workdir, "shapes")
+    data_dir = os.path.join(options.workdir, "shapes-mixed") if options.aspect_ratio_buckets else square_dir
+    suffix = "-buckets" if options.aspect_ratio_buckets else ""
+    output_dir = os.path.join(options.workdir, f"{kind}-shapes{suffix}-model")
     first_grid = os.path.join(output_dir, "validation", "step_0.png")
     last_grid = os.path.join(output_dir, "validation", f"step_{options.steps}.png")
     if os.path.isdir(output_dir):  # the demo's own previous output
@@ -195,10 +202,13 @@ def main(argv=None) -> int:
                         model_max_length=DEMO_MAX_LENGTH, sdxl=options.sdxl)
     spread_text_embeddings(model_dir)
     print(f"demo: writing {options.images} synthetic captioned images to {data_dir}", flush=True)
-    synthetic.write_synthetic_dataset(data_dir, options.images, resolution=RESOLUTION, seed=options.seed,
+    synthetic.write_synthetic_dataset(square_dir, options.images, resolution=RESOLUTION, seed=options.seed,
                                       empty_caption_fraction=EMPTY_CAPTION_FRACTION)
+    if options.aspect_ratio_buckets:
+        synthetic.write_synthetic_dataset(data_dir, options.images, resolution=RESOLUTION, seed=options.seed,
+                                          empty_caption_fraction=EMPTY_CAPTION_FRACTION, mixed_aspect_ratios=True)
     start = time.perf_counter()
-    fitted = fit_pipeline_vae(model_dir, data_dir, seed=options.seed)
+    fitted = fit_pipeline_vae(model_dir, square_dir, seed=options.seed)
     print(f"demo: fitted the tiny VAE to the images in {time.perf_counter() - start:.0f}s ({VAE_FIT['steps']} "
           f"steps): reconstruction error {fitted['random_error']:.3f} (random) -> {fitted['fitted_error']:.3f}, "
           f"latent scaling factor {fitted['scaling_factor']:.3f}", flush=True)
@@ -213,6 +223,8 @@ def main(argv=None) -> int:
             "--validation_steps", str(options.steps),
             "--validation_num_inference_steps", str(SAMPLER["num_inference_steps"]),
             "--validation_guidance_scale", str(SAMPLER["guidance_scale"]), "--checkpointing_steps", str(options.steps)]
+    if options.aspect_ratio_buckets:  # the demo model's sides are multiples of 8 (its VAE and UNet halve 3 times)
+        argv += ["--aspect_ratio_buckets", "--bucket_step", "8", "--min_bucket_resolution", "16"]
     print("demo: python train_text_to_image_flax.py " + " ".join(argv), flush=True)
     code = cli.main(argv)
     if code:

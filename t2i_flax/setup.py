@@ -6,7 +6,7 @@ they compile the same program.
     plan = setup.Plan.make(config, device_count, local_device_count, num_examples, steps_per_epoch)
     built = setup.build(config, base, mesh, plan)
     built.state, built.frozen, built.batch       # sharded ShapeDtypeStructs: state, frozen models, global batch
-    compiled = built.lower().compile()           # the train step
+    compiled = built.lower().compile()           # the train step (built.lower((w, h)): at an aspect-ratio bucket)
     frozen = built.place_frozen(params)          # the loaded frozen models, cast and placed as the step expects
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ class TrainSetup:
     state_sharding: object
     frozen: dict                  # sharded ShapeDtypeStructs of what the step reads of the frozen models
     frozen_sharding: object
-    batch: dict                   # sharded ShapeDtypeStructs of one global batch
+    batch: dict                   # sharded ShapeDtypeStructs of one global batch (at --resolution, square)
 
     @property
     def unet(self):
@@ -142,8 +142,15 @@ class TrainSetup:
         """The jitted step (explicit shardings, the state donated)."""
         return step.compile_train_step(self.step_config, self.mesh, self.state_sharding, self.frozen_sharding)
 
-    def lower(self):
-        return self.train_step().lower(self.state, self.frozen, self.batch)
+    def batch_at(self, size: tuple[int, int]) -> dict:
+        """The global batch's ShapeDtypeStructs for images of (width, height)."""
+        return abstract_batch(self.mesh, self.plan.global_batch_size, size,
+                              tuple(int(t.model_max_length) for t in self.base.tokenizers), self.modules.vae,
+                              self.config.data.cache_latents, self.base.family)
+
+    def lower(self, size: tuple[int, int] | None = None):
+        """The step lowered for a global batch of images of `size` (width, height); default the square batch."""
+        return self.train_step().lower(self.state, self.frozen, self.batch if size is None else self.batch_at(size))
 
     def frozen_params(self, params: dict) -> dict:
         """The step's frozen tree from the loaded host params ({component: tree}), in the compute dtype (as the
@@ -167,22 +174,30 @@ class TrainSetup:
         return self.trained.sampler_unet(self.unet, step.exported_params(state), frozen)
 
 
-def abstract_batch(mesh, global_batch_size: int, resolution: int, max_length, vae, cache_latents: bool,
+def abstract_batch(mesh, global_batch_size: int, size, max_length, vae, cache_latents: bool,
                    family=families.STABLE_DIFFUSION) -> dict:
-    """The global batch's ShapeDtypeStructs: images, or with --cache_latents the VAE posterior's moments, and what
-    the family's conditioning reads (token ids of each tokenizer: `max_length` an int or one per tokenizer)."""
+    """The global batch's ShapeDtypeStructs: images of `size` (a side, or (width, height)), or with --cache_latents
+    the VAE posterior's moments, and what the family's conditioning reads (token ids of each tokenizer:
+    `max_length` an int or one per tokenizer)."""
     where = sharding.batch_sharding(mesh)
+    width, height = (size, size) if isinstance(size, int) else size
     max_lengths = tuple(max_length) if isinstance(max_length, (list, tuple)) else (max_length,)
     batch = family.text_batch(global_batch_size, max_lengths, where)
     if cache_latents:
         factor = 2 ** (len(vae.block_out_channels) - 1)
-        moments = jax.ShapeDtypeStruct((global_batch_size, vae.latent_channels, resolution // factor,
-                                        resolution // factor), jnp.float32, sharding=where)
+        moments = jax.ShapeDtypeStruct((global_batch_size, vae.latent_channels, height // factor, width // factor),
+                                       jnp.float32, sharding=where)
         batch.update(latent_mean=moments, latent_std=moments)
     else:
-        batch["pixel_values"] = jax.ShapeDtypeStruct((global_batch_size, 3, resolution, resolution), jnp.float32,
+        batch["pixel_values"] = jax.ShapeDtypeStruct((global_batch_size, 3, height, width), jnp.float32,
                                                      sharding=where)
     return batch
+
+
+def batch_image_size(batch: dict) -> tuple[int, int]:
+    """(width, height) of the images' (or latents') last two axes of a batch: the key of its compiled step."""
+    images = batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"]
+    return int(images.shape[-1]), int(images.shape[-2])
 
 
 def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, noise_schedule: NoiseSchedule,
@@ -213,6 +228,11 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
     vae_factor = 2 ** (len(modules.vae.block_out_channels) - 1)
     if config.data.resolution % vae_factor:
         raise FlagError(f"--resolution {config.data.resolution} must be a multiple of {vae_factor} for this VAE")
+    # Each UNet down block but the last halves the latents, and the up blocks must meet them again.
+    multiple = vae_factor * 2 ** (len(modules.unet.block_out_channels) - 1)
+    if config.data.aspect_ratio_buckets and config.data.bucket_step % multiple:
+        raise FlagError(f"--bucket_step {config.data.bucket_step} must be a multiple of {multiple} for this model "
+                        f"(its VAE and UNet downsample the images {multiple} times)")
     trained = trainable.from_config(config)
     step_config = make_step_config(config, plan, modules, noise_schedule, trained, base.family)
     abstract_state, state_sharding = step.state_shardings(step_config, mesh, trained.abstract_params(modules.unet),

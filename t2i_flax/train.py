@@ -57,6 +57,8 @@ def run(config: RunConfig) -> None:
                            loader.steps_per_epoch)
     log(f"data: {plan.num_examples} examples, global batch {plan.global_batch_size}, {plan.steps_per_epoch} "
         f"steps/epoch, {plan.num_train_epochs} epochs, {plan.max_train_steps} steps")
+    if loader.buckets is not None:
+        log(loader.buckets.describe())
 
     # ---- the setup: models' shapes, what is trained, state, frozen inputs, batch, the step --------
     built = setup.build(config, base, mesh, plan)
@@ -87,7 +89,7 @@ def run(config: RunConfig) -> None:
     frozen = built.place_frozen(params)
 
     # ---- the step and the validation sampler, compiled before the first step -----------------
-    train_step = compile_ahead(built)
+    train_step = compile_ahead(built, train_sizes(loader))
     validation = make_validation(config, built, frozen, state, params["vae"])
     del params
 
@@ -99,6 +101,8 @@ def run(config: RunConfig) -> None:
     if is_main:
         write_json(os.path.join(output_config.output_dir, "training_args.json"), run_record["config"])
         loader.write_scan_file()
+        if loader.buckets is not None:
+            loader.buckets.write(output_config.output_dir)
     checkpoints = Checkpoints(checkpoints_dir, keep=checkpoint_config.checkpoints_total_limit or None)
     writer = MetricsWriter(output_config.output_dir, output_config.logging_dir, output_config.report_to,
                            plan.max_train_steps, initial_step=resume_step, run_config=run_record["config"],
@@ -234,20 +238,43 @@ def model_commit(model_dir: str) -> str | None:
     return found.group(1) if found else None
 
 
-def compile_ahead(built: setup.TrainSetup):
-    """Compiles the step before the loop (so the first timed step is a real one) and turns a step that does
-    not fit device memory into one line."""
+def train_sizes(loader) -> list[tuple[int, int]]:
+    """The (width, height) of every batch the run trains on: each aspect-ratio bucket that holds a global batch, or
+    the square."""
+    if loader.buckets is not None:
+        return loader.buckets.used_sizes
+    return [(loader.resolution, loader.resolution)]
+
+
+class StepsByShape:
+    """The compiled train steps, one per image size; called as the step, it takes the one of the batch's size."""
+
+    def __init__(self, compiled: dict):
+        self.compiled = compiled
+
+    def __call__(self, state, frozen, batch):
+        return self.compiled[setup.batch_image_size(batch)](state, frozen, batch)
+
+
+def compile_ahead(built: setup.TrainSetup, sizes: list[tuple[int, int]]) -> StepsByShape:
+    """Compiles the step for every image size before the loop (so the first timed step is a real one, and no
+    bucket compiles in the middle of training) and turns a step that does not fit device memory into one line."""
     start = time.perf_counter()
-    try:
-        compiled = built.lower().compile()
-    except jax.errors.JaxRuntimeError as error:  # a step that does not fit is RESOURCE_EXHAUSTED at compile time
-        if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
-            raise
-        raise FlagError(f"the train step does not fit device memory ({str(error).splitlines()[0][:200]}): "
-                        f"shard with --fsdp {jax.device_count()}, lower --train_batch_size or use "
-                        f"--mixed_precision bf16") from None
-    log(f"compiled the train step in {time.perf_counter() - start:.1f}s")
-    return compiled
+    compiled = {}
+    for size in sizes:
+        try:
+            program = built.lower(size).compile()
+        except jax.errors.JaxRuntimeError as error:  # a step that does not fit is RESOURCE_EXHAUSTED at compile time
+            if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+                raise
+            at = f" at {size[0]}x{size[1]}" if len(sizes) > 1 else ""
+            raise FlagError(f"the train step{at} does not fit device memory ({str(error).splitlines()[0][:200]}): "
+                            f"shard with --fsdp {jax.device_count()}, lower --train_batch_size or use "
+                            f"--mixed_precision bf16") from None
+        compiled[setup.batch_image_size(built.batch_at(size))] = program
+    shapes = f" for {len(sizes)} image sizes" if len(sizes) > 1 else ""
+    log(f"compiled the train step{shapes} in {time.perf_counter() - start:.1f}s")
+    return StepsByShape(compiled)
 
 
 def make_validation(config: RunConfig, built: setup.TrainSetup, frozen: dict, state, vae_params) -> Validation | None:
@@ -259,7 +286,7 @@ def make_validation(config: RunConfig, built: setup.TrainSetup, frozen: dict, st
     unet_params, unet_fn = built.sampler_unet(state, frozen)
     validation = Validation(config.validation, built.mesh, built.unet, built.vae, built.text_encoder,
                             built.base.tokenizer, built.sampling_scheduler_config, frozen["text_encoder"], vae_params,
-                            _abstract(unet_params), config.data.resolution, config.train.seed,
+                            _abstract(unet_params), config.validation.size(config.data.resolution), config.train.seed,
                             config.output.output_dir, unet_fn=unet_fn, text_encoder_2=built.modules.text_encoder_2,
                             tokenizer_2=built.base.tokenizer_2, text_2_params=frozen.get("text_encoder_2"),
                             family=built.family,

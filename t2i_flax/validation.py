@@ -27,13 +27,14 @@ LABEL_HEIGHT = 14  # pixels of prompt text above each row of the grid
 
 class Validation:
     def __init__(self, settings: ValidationConfig, mesh, unet, vae, text_encoder, clip_tokenizer,
-                 scheduler_config: dict, text_params, vae_params, unet_params_abstract, resolution: int, seed: int,
-                 output_dir: str, unet_fn=None, text_encoder_2=None, tokenizer_2=None, text_2_params=None,
+                 scheduler_config: dict, text_params, vae_params, unet_params_abstract, size: tuple[int, int],
+                 seed: int, output_dir: str, unet_fn=None, text_encoder_2=None, tokenizer_2=None, text_2_params=None,
                  family=None, force_zeros_for_empty_prompt: bool = False):
         """`text_params`: the frozen text encoder as the step has it (on the mesh); `vae_params`: host VAE
         parameters (only the decoder half goes to the devices); `unet_params_abstract`: the shapes and
-        shardings of the UNet params the trainer will pass. SDXL: its second text encoder, tokenizer and params,
-        and whether no negative prompt means zero conditioning (as its pipeline draws without one)."""
+        shardings of the UNet params the trainer will pass; `size`: the images' (height, width). SDXL: its second
+        text encoder, tokenizer and params, and whether no negative prompt means zero conditioning (as its pipeline
+        draws without one)."""
         self.settings, self.output_dir = settings, output_dir
         self.prompts = list(settings.validation_prompts)
         per_prompt = settings.num_validation_images
@@ -50,7 +51,7 @@ class Validation:
         negative_ids = None if zero_negative else negative_ids
         self.scheduler = schedulers.make_scheduler(scheduler_config, settings.validation_num_inference_steps,
                                                    settings.validation_scheduler)
-        noise = sample.initial_noise(seed, batch, self.sampler.latent_shape(batch, resolution, resolution)[1:])
+        noise = sample.initial_noise(seed, batch, self.sampler.latent_shape(batch, *size)[1:])
         dtype = jax.tree_util.tree_leaves(text_params)[0].dtype
         decoder = {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS}
         decoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), decoder)
@@ -63,7 +64,7 @@ class Validation:
         self.param_shardings = jax.tree_util.tree_map(lambda leaf, where: leaf.sharding or where, abstract,
                                                       sharding.tree_shardings(mesh, abstract))
         try:
-            self.program = self.sampler.compile(abstract, self.scheduler, batch, resolution, resolution, guidance,
+            self.program = self.sampler.compile(abstract, self.scheduler, batch, *size, guidance,
                                                 max_length=[ids.shape[1] for ids in prompt_ids],
                                                 zero_negative=zero_negative)
         except jax.errors.JaxRuntimeError as error:  # a sampler that does not fit: before the first step

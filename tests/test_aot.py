@@ -215,3 +215,21 @@ def test_a_program_the_compiler_placed_over_the_sum_of_its_buffers_is_reported_a
     assert "fits only because the compiler reuses dead buffers: the sum is 1.00 GiB over" in over, over
     under, = report._memory_lines({"memory": memory}, usable=17 * gib)
     assert under.endswith("-> fits (1.00 GiB headroom)"), under
+
+
+def test_aspect_ratio_buckets_compile_every_bucket_and_report_the_largest(pipeline_dir):
+    """aot reads no data: it compiles every bucket the flags allow (here sides of 16 or 32 px with an area of at
+    most 24^2: 16x32 and 32x16) and reports, in full, the one that needs the most memory."""
+    done = run_aot(pipeline_dir, "--train_batch_size", str(BATCH), "--aspect_ratio_buckets", "--resolution", "24",
+                   "--bucket_step", "16", "--min_bucket_resolution", "16", "--max_bucket_resolution", "32")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    table = result["buckets"]
+    assert [(b["width"], b["height"]) for b in table] == [(16, 32), (32, 16)]
+    assert all(b["fits"] and b["total_bytes"] > 0 for b in table)
+    largest = max(table, key=lambda b: b["total_bytes"])
+    step = result["train_step"]
+    assert step["bucket"] == [largest["width"], largest["height"]]
+    assert step["memory"]["total_bytes"] == largest["total_bytes"]
+    # the batch it measured is a bucket's: 2 per device x 3 x 16 x 32 float32 pixels, and the token ids
+    assert step["shapes"]["batch_bytes"] == BATCH * (3 * 16 * 32 * 4 + TEXT_LENGTH * 4)

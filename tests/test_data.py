@@ -714,7 +714,7 @@ def test_sdxl_cached_examples_are_the_online_examples(tokenizer, tmp_path):
     cache = latent_cache.LatentCache(str(tmp_path), {"test": 1}, online.example_fn.records, True, (3, 8, 8), 0, 1,
                                      per_host=8, flip_first=True)
     cache.build(dataset, "image", 8, encode, mesh, show_progress=False)
-    cached = latent_cache.CachedExampleAt(online.example_fn, cache)
+    cached = latent_cache.CachedExampleAt(online.example_fn, {(8, 8): cache})
     for position in range(16):
         want, got = online.example_fn(position), cached(position)
         np.testing.assert_array_equal(got["latent_mean"], want["pixel_values"], err_msg=str(position))

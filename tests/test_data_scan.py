@@ -18,6 +18,7 @@ from PIL import Image
 from t2i_flax import data
 from t2i_flax.config import DataConfig
 from t2i_flax.data import scan, scan_cache
+from t2i_flax.data.images import decode_image
 from t2i_flax.data.order import selected_records
 from t2i_flax.data.scan import HostGroup, merge_host_scans, scan_host_share
 from t2i_flax.errors import DataError
@@ -64,18 +65,18 @@ def mixed_dataset(captions=None) -> datasets.Dataset:
 
 
 class DecodeLog:
-    """Replaces the scan's check_image and records which record each call decoded."""
+    """Replaces the scan's inspect_image and records which record each call decoded."""
 
     def __init__(self, monkeypatch, record_of_value):
         self.records = []
         self._record_of_value = record_of_value
-        original = scan.check_image
+        original = scan.inspect_image
 
         def counting_check_image(value):
             self.records.append(record_of_value(value))
             return original(value)
 
-        monkeypatch.setattr(scan, "check_image", counting_check_image)
+        monkeypatch.setattr(scan, "inspect_image", counting_check_image)
 
     def take(self) -> list:
         taken, self.records = sorted(self.records), []
@@ -239,9 +240,13 @@ def test_the_scan_file_replaces_the_scan_and_gives_bit_identical_batches(tmp_pat
     assert decoded.take() == sorted(GOOD_FILES + BAD_FILES) and not first.scan_from_cache
     document = json.loads(cache.read_text())
     assert sorted(document) == ["format", "key", "num_captions", "num_examples", "num_records",
-                                "num_skipped_images", "num_truncated_captions", "skipped", "usable_bitmap"]
+                                "num_skipped_images", "num_truncated_captions", "sizes", "skipped", "usable_bitmap"]
     bitmap = np.unpackbits(np.frombuffer(base64.b64decode(document["usable_bitmap"]), np.uint8), count=12)
     assert bitmap.tolist() == [True] * 8 + [False] * 4  # the bad files come after the good ones
+    # each usable image's (width, height), as the decode gives it (what a bucket is chosen from)
+    sizes = np.frombuffer(base64.b64decode(document["sizes"]), "<i4").reshape(-1, 2)
+    expected_sizes = [decode_image(str(folder / name)).size for name in sorted(GOOD_FILES)]
+    assert sizes.tolist() == [list(size) for size in expected_sizes]
     assert [record for record, _ in document["skipped"]] == [8, 9, 10, 11]
     assert document["key"]["dataset"]["local_folders"]["train_data_dir"]["files"] == 13  # + metadata.jsonl
 
@@ -398,8 +403,8 @@ folder, hf_cache, scan_file, tokenizer_dir, out = sys.argv[1:6]
 jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=2, process_id=int(os.environ["RANK"]))
 rank = jax.process_index()
 decoded = []
-check_image = scan.check_image
-scan.check_image = lambda value: (decoded.append(os.path.basename(value["path"])), check_image(value))[1]
+inspect_image = scan.inspect_image
+scan.inspect_image = lambda value: (decoded.append(os.path.basename(value["path"])), inspect_image(value))[1]
 clip_tokenizer = load_tokenizer(tokenizer_dir)
 report, arrays = [], {}
 for build, path in enumerate([scan_file, scan_file, scan_file if rank == 0 else scan_file + ".elsewhere"]):

@@ -22,8 +22,8 @@ def program_text(lowered) -> str:
 
 def trainer_program(monkeypatch, argv) -> str:
     """The StableHLO text of the step train.run compiles for `argv` (the run stops right there)."""
-    def capture(built):
-        raise _Compiled(program_text(built.lower()))
+    def capture(built, sizes):
+        raise _Compiled(program_text(built.lower(sizes[0])))
 
     monkeypatch.setattr(train, "compile_ahead", capture)
     with pytest.raises(_Compiled) as stopped:

@@ -82,7 +82,10 @@ def run(own, topology: Topology, config) -> dict:
         "global_batch": built.plan.global_batch_size, "jax": jax.__version__, "libtpu": _libtpu_version()}
     progress(f"compiling the train step for {topology.name} ({len(devices)} x {devices[0].device_kind}, "
              f"batch {config.train.train_batch_size} per device) ...")
-    result["train_step"] = measure.train_step_report(built)
+    if config.data.aspect_ratio_buckets:
+        result["train_step"], result["buckets"] = bucket_reports(built, config.data.train_sizes(), progress)
+    else:
+        result["train_step"], result["buckets"] = measure.train_step_report(built), None
     fits = result["train_step"]["fits"]
     if config.validation.validation_prompts:
         progress("compiling the validation sampler ...")
@@ -93,6 +96,22 @@ def run(own, topology: Topology, config) -> dict:
         result["validation"] = None
     result["fits"] = bool(fits)
     return result
+
+
+def bucket_reports(built, sizes, progress) -> tuple[dict, list]:
+    """(the report of the bucket that needs the most memory, or of the first that does not fit; every bucket's
+    {"width", "height", "fits", "total_bytes"}). aot reads no data, so every bucket of the flags is compiled: a
+    run compiles those its images fill."""
+    worst, table = None, []
+    for index, (width, height) in enumerate(sizes):
+        progress(f"  bucket {index + 1} of {len(sizes)}: {width}x{height}")
+        report_of = measure.train_step_report(built, (width, height))
+        report_of["bucket"] = [width, height]
+        total = report_of["memory"]["total_bytes"] if report_of["memory"] else None
+        table.append({"width": width, "height": height, "fits": report_of["fits"], "total_bytes": total})
+        if worst is None or (worst["fits"] and (not report_of["fits"] or total > worst["memory"]["total_bytes"])):
+            worst = report_of
+    return worst, table
 
 
 def _libtpu_version():

@@ -106,12 +106,14 @@ def argument_breakdown(compiled, groups: dict) -> dict | None:
     return breakdown
 
 
-def train_step_report(setup) -> dict:
-    """The train step of a setup.TrainSetup: memory, FLOPs, argument sizes."""
-    result, compiled = compile_measured(lambda: setup.lower().compile())
+def train_step_report(setup, size: tuple[int, int] | None = None) -> dict:
+    """The train step of a setup.TrainSetup: memory, FLOPs, argument sizes; `size`: the images' (width, height)
+    (an aspect-ratio bucket), default the square batch."""
+    result, compiled = compile_measured(lambda: setup.lower(size).compile())
     state = setup.state
+    batch = setup.batch if size is None else setup.batch_at(size)
     groups = {"params": state.params, "opt_state": state.opt_state, "ema": state.ema_params,
-              "step_and_rng": (state.step, state.rng), "frozen": setup.frozen, "batch": setup.batch}
+              "step_and_rng": (state.step, state.rng), "frozen": setup.frozen, "batch": batch}
     result["shapes"] = {f"{name}_bytes": per_device_bytes(tree) for name, tree in groups.items()}
     result["shapes"]["state_bytes"] = per_device_bytes(state)
     result["shapes"]["argument_bytes"] = sum(per_device_bytes(tree) for tree in groups.values())
@@ -119,7 +121,7 @@ def train_step_report(setup) -> dict:
     if compiled is not None:
         # TrainState's leaves come in field order (step, params, opt_state, ema_params, rng): regroup them.
         ordered = {"step_and_rng": state.step, "params": state.params, "opt_state": state.opt_state,
-                   "ema": state.ema_params, "rng": state.rng, "frozen": setup.frozen, "batch": setup.batch}
+                   "ema": state.ema_params, "rng": state.rng, "frozen": setup.frozen, "batch": batch}
         padded = argument_breakdown(compiled, ordered)
         if padded is not None:
             padded["step_and_rng"] += padded.pop("rng")
@@ -162,7 +164,7 @@ def validation_report(setup) -> dict:
     guidance = settings.validation_guidance_scale > 1.0
     lengths = [int(each.model_max_length) for each in setup.base.tokenizers]
     result, _ = compile_measured(lambda: sampler.compile(
-        abstract, scheduler, batch, config.data.resolution, config.data.resolution, guidance, max_length=lengths,
+        abstract, scheduler, batch, *settings.size(config.data.resolution), guidance, max_length=lengths,
         zero_negative=sampler.zero_negative(guidance, None)))
     shared = per_device_bytes([leaf for leaf in jax.tree_util.tree_leaves(unet_params)
                                if getattr(leaf, "sharding", None) is not None]) \

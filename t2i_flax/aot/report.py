@@ -21,6 +21,11 @@ def report_text(result: dict) -> str:
              f"layout: mesh data={result['mesh']['data']} fsdp={result['mesh']['fsdp']}; batch "
              f"{result['batch_per_device']} per device ({result['global_batch']} global) at {result['resolution']} px"]
     step = result["train_step"]
+    if result.get("buckets"):
+        lines.append(f"aspect-ratio buckets: {len(result['buckets'])} compiled; per device:")
+        lines += [f"  {b['width']}x{b['height']}: " + (_size(b["total_bytes"]) if b["fits"] else "DOES NOT FIT")
+                  for b in result["buckets"]]
+        lines.append(f"the bucket that needs the most, {step['bucket'][0]}x{step['bucket'][1]}:")
     lines.append(f"train step ({step['trained_params']:,} trained parameters), compiled in {step['compile_s']} s:")
     for title, sizes in (("arguments in the compiled layouts", step["padded"]),
                          ("arguments from shapes", step["shapes"])):

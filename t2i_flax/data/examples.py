@@ -1,6 +1,7 @@
 """The per-position example function, which Grain maps over host-local sample positions (in threads or
 worker processes): position -> (epoch, record) -> {"pixel_values", "input_ids"} (SDXL also "input_ids_2" from
 its second tokenizer and "time_ids": original height and width, crop top and left, target height and width).
+With aspect-ratio buckets (data/buckets.py) the target is the size of the bucket of the sample's global batch.
 
 A decode that fails during training (a file changed since the scan, an I/O error) is replaced by the
 next record of the epoch's permutation and logged; 64 failures in a row are a DataError. Only what PIL
@@ -24,12 +25,14 @@ MAX_REPLACEMENTS = 64  # a failing record is replaced by at most this many succe
 
 
 class ExampleAt:
-    """Host-local sample position -> {"pixel_values": float32 (3,R,R), "input_ids": int32 (L,)}; a pure
-    function of the position. `records` are the usable record indices (the scan's result)."""
+    """Host-local sample position -> {"pixel_values": float32 (3,H,W), "input_ids": int32 (L,)}; a pure
+    function of the position. `records` are the usable record indices (the scan's result); `buckets`: a
+    buckets.BucketPlan over them, or None (every image at resolution x resolution)."""
 
     def __init__(self, dataset, records: np.ndarray, *, image_column: str, caption_column: str, tokenizer,
                  resolution: int, center_crop: bool, random_flip: bool, seed: int, slots: HostSlots,
-                 tokenizer_2=None, size_conditioning: bool = False, proportion_empty_prompts: float = 0.0):
+                 tokenizer_2=None, size_conditioning: bool = False, proportion_empty_prompts: float = 0.0,
+                 buckets=None):
         self.dataset = dataset
         self.records = records
         self.image_column, self.caption_column = image_column, caption_column
@@ -41,6 +44,7 @@ class ExampleAt:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed = seed
         self.slots = slots
+        self.buckets = buckets
         self.num_replaced = 0  # decode failures during iteration (in this process)
         self._orders: dict[int, np.ndarray] = {}
 
@@ -49,22 +53,37 @@ class ExampleAt:
         state["_orders"] = {}
         return state
 
-    def _order(self, epoch: int) -> np.ndarray:
-        order = self._orders.get(epoch)
-        if order is None:
-            order = epoch_permutation(self.seed, epoch, len(self.records))
-            self._orders = {epoch: order}  # keep one epoch; threads may race harmlessly
-        return order
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the epoch's order: positions into `records`, slot after slot; each global batch's bucket or None)."""
+        found = self._orders.get(epoch)
+        if found is None:
+            if self.buckets is None:
+                found = epoch_permutation(self.seed, epoch, len(self.records)), None
+            else:
+                found = self.buckets.epoch_order(epoch)
+            self._orders = {epoch: found}  # keep one epoch; threads may race harmlessly
+        return found
 
-    def load(self, epoch: int, record: int) -> dict[str, np.ndarray]:
+    def _order(self, epoch: int) -> np.ndarray:
+        return self._epoch(epoch)[0]
+
+    def target(self, epoch: int, slot: int) -> tuple[int, int]:
+        """(width, height) of the sample at `slot` of the epoch: its global batch's bucket, or the square."""
+        batch_buckets = self._epoch(epoch)[1]
+        if batch_buckets is None:
+            return self.resolution, self.resolution
+        return self.buckets.sizes[batch_buckets[slot // self.slots.global_batch_size]]
+
+    def load(self, epoch: int, record: int, target: tuple[int, int]) -> dict[str, np.ndarray]:
         row = self.dataset[record]
         rng = sample_rng(self.seed, epoch, record)
         caption = self.pick_caption(row[self.caption_column], record, rng)
         image = decode_image(row[self.image_column])
-        pixel_values, crop = transform_image(image, self.resolution, center_crop=self.center_crop,
+        pixel_values, crop = transform_image(image, target, center_crop=self.center_crop,
                                              random_flip=self.random_flip, rng=rng,
                                              flip_first=self.size_conditioning)
-        return {"pixel_values": pixel_values, **self.text_inputs(self.empty_or(caption, rng), image.size, crop)}
+        return {"pixel_values": pixel_values,
+                **self.text_inputs(self.empty_or(caption, rng), image.size, crop, target)}
 
     def pick_caption(self, value, record: int, rng: np.random.Generator) -> str:
         """The sample's caption: one of a list (the first draw of the sample's stream)."""
@@ -78,8 +97,10 @@ class ExampleAt:
             return ""
         return caption
 
-    def text_inputs(self, caption: str, original_size: tuple[int, int], crop: tuple[int, int]) -> dict:
-        """Token ids of each tokenizer and, for SDXL, the time ids. `original_size`: (width, height) as decoded."""
+    def text_inputs(self, caption: str, original_size: tuple[int, int], crop: tuple[int, int],
+                    target: tuple[int, int]) -> dict:
+        """Token ids of each tokenizer and, for SDXL, the time ids. `original_size` and `target`: (width, height),
+        as decoded and as trained."""
         def ids(tokenizer):
             tokens = tokenizer(caption, max_length=int(tokenizer.model_max_length), padding="max_length",
                                truncation=True)
@@ -90,18 +111,18 @@ class ExampleAt:
             inputs["input_ids_2"] = ids(self.tokenizer_2)
         if self.size_conditioning:
             width, height = original_size
-            inputs["time_ids"] = np.asarray([height, width, crop[0], crop[1], self.resolution, self.resolution],
-                                            np.float32)
+            inputs["time_ids"] = np.asarray([height, width, crop[0], crop[1], target[1], target[0]], np.float32)
         return inputs
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         epoch, slot = self.slots.slot(int(position))
         order = self._order(epoch)
+        target = self.target(epoch, slot)
         n = len(order)
-        for attempt in range(min(n, MAX_REPLACEMENTS)):
+        for attempt in range(min(n, MAX_REPLACEMENTS)):  # a replacement is transformed to the batch's size too
             record = int(self.records[order[(slot + attempt) % n]])
             try:
-                return self.load(epoch, record)
+                return self.load(epoch, record, target)
             except DataError:
                 raise
             except IMAGE_DECODE_ERRORS as e:  # a file that changed since the scan: use the next record

@@ -33,6 +33,9 @@ from t2i_flax.errors import DataError
 # is caught around decoding: any other exception is a bug and must surface.
 IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
 
+# EXIF orientations that turn the image by 90 degrees (width and height swap when applied).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
 # ToTensor + Normalize([0.5], [0.5]) of every uint8 value, computed as torch does in float32.
 _UINT8_TO_UNIT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(0.5)) / np.float32(0.5)
 
@@ -100,22 +103,31 @@ def decode_image(value: Any) -> Image.Image:
 
 
 def check_image(value: Any) -> str | None:
-    """Returns None when the image decodes, else the reason ("OSError: ...").
+    """Returns None when the image decodes, else the reason ("OSError: ..."). A value that is not an image at all
+    raises DataError."""
+    return inspect_image(value)[0]
+
+
+def inspect_image(value: Any) -> tuple[str | None, tuple[int, int] | None]:
+    """(None, (width, height) as `decode_image` gives it) when the image decodes, else (the reason, None).
 
     JPEGs are decoded at 1/8 scale (draft mode): all of the data is still read and checked, at a
-    fraction of the cost. A value that is not an image at all raises DataError.
-    """
+    fraction of the cost; the size is the file's, read before. A value that is not an image at all raises
+    DataError."""
     try:
         image = _open_image(value)
+        width, height = image.size
+        if image.getexif().get(Image.ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
         if getattr(image, "format", None) == "JPEG":
             image.draft(None, (1, 1))
         image.load()
         image_to_rgb(image)
-        return None
+        return None, (int(width), int(height))
     except DataError:
         raise
     except IMAGE_DECODE_ERRORS as e:  # a bad file: skip the record
-        return _reason(e)
+        return _reason(e), None
 
 
 def _reason(error: BaseException) -> str:
@@ -124,23 +136,33 @@ def _reason(error: BaseException) -> str:
     return re.sub(r" object at 0x[0-9a-fA-F]+", " object", f"{type(error).__name__}: {error}")
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) after torchvision's Resize(resolution): the short side becomes `resolution`."""
-    if width <= height:
-        return resolution, int(resolution * height / width)
-    return int(resolution * width / height), resolution
+def _pair(size) -> tuple[int, int]:
+    """(width, height) of a target given as one side (square) or (width, height)."""
+    return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
-def center_crop_offsets(width: int, height: int, resolution: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, target) -> tuple[int, int]:
+    """(width, height) after resizing to cover `target` (a side, or (width, height)) with the shape kept: the side
+    that is relatively shorter becomes the target's and the other is truncated, as torchvision's Resize(R) of the
+    short side does for a square target."""
+    target_width, target_height = _pair(target)
+    if width * target_height > target_width * height:  # relatively wider than the target: the height fits
+        return max(target_width, int(target_height * width / height)), target_height
+    return target_width, max(target_height, int(target_width * height / width))
+
+
+def center_crop_offsets(width: int, height: int, target) -> tuple[int, int]:
     """(top, left) of torchvision's CenterCrop (Python round, i.e. halves to even)."""
-    return int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+    target_width, target_height = _pair(target)
+    return int(round((height - target_height) / 2.0)), int(round((width - target_width) / 2.0))
 
 
-def draw_crop_and_flip(rng: np.random.Generator, new_width: int, new_height: int, resolution: int):
+def draw_crop_and_flip(rng: np.random.Generator, new_width: int, new_height: int, target):
     """A sample's crop offsets and flip, drawn in this order, always all three (also when unused), so that
     the cached-latent path (data/latent_cache.py) reproduces the same stream from the resized size."""
-    random_top = int(rng.integers(0, new_height - resolution + 1))
-    random_left = int(rng.integers(0, new_width - resolution + 1))
+    target_width, target_height = _pair(target)
+    random_top = int(rng.integers(0, new_height - target_height + 1))
+    random_left = int(rng.integers(0, new_width - target_width + 1))
     return random_top, random_left, bool(rng.random() < 0.5)
 
 
@@ -160,26 +182,28 @@ def preprocess_image(
     return transform_image(image, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)[0]
 
 
-def transform_image(image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool,
+def transform_image(image: Image.Image, target, *, center_crop: bool, random_flip: bool,
                     rng: np.random.Generator, flip_first: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
-    """(pixels float32 (3, R, R) in [-1, 1], crop (top, left)). `flip_first`: flip, then crop the flipped image,
-    and give the crop's offsets in it (diffusers' SDXL script, whose time ids hold them); else crop, then flip
-    (the SD script). Both draw from `rng` as `preprocess_image`."""
+    """(pixels float32 (3, H, W) in [-1, 1], crop (top, left)); `target`: a side (square) or an aspect-ratio
+    bucket's (width, height). The image is resized to cover it, then cropped to it. `flip_first`: flip, then crop
+    the flipped image, and give the crop's offsets in it (diffusers' SDXL script, whose time ids hold them); else
+    crop, then flip (the SD script). Both draw from `rng` as `preprocess_image`."""
+    target_width, target_height = _pair(target)
     width, height = image.size
-    new_width, new_height = resized_size(width, height, resolution)
+    new_width, new_height = resized_size(width, height, (target_width, target_height))
     if (new_width, new_height) != (width, height):
         image = image.resize((new_width, new_height), Image.BILINEAR)
-    random_top, random_left, flip = draw_crop_and_flip(rng, new_width, new_height, resolution)
+    random_top, random_left, flip = draw_crop_and_flip(rng, new_width, new_height, (target_width, target_height))
     flip = random_flip and flip
     if center_crop:
-        top, left = center_crop_offsets(new_width, new_height, resolution)
+        top, left = center_crop_offsets(new_width, new_height, (target_width, target_height))
     else:
         top, left = random_top, random_left
-    # A crop at `left` of the flipped image is the flip of the crop at new_width - R - left of the image.
-    crop_left = new_width - resolution - left if (flip_first and flip) else left
-    if (top, crop_left, new_width, new_height) != (0, 0, resolution, resolution):
-        image = image.crop((crop_left, top, crop_left + resolution, top + resolution))
-    pixels = np.asarray(image).transpose(2, 0, 1)  # (R, R, 3) uint8 HWC -> CHW view
+    # A crop at `left` of the flipped image is the flip of the crop at new_width - W - left of the image.
+    crop_left = new_width - target_width - left if (flip_first and flip) else left
+    if (top, crop_left, new_width, new_height) != (0, 0, target_width, target_height):
+        image = image.crop((crop_left, top, crop_left + target_width, top + target_height))
+    pixels = np.asarray(image).transpose(2, 0, 1)  # (H, W, 3) uint8 HWC -> CHW view
     if flip:
         pixels = pixels[:, :, ::-1]
-    return _UINT8_TO_UNIT[pixels], (top, left)  # the lookup writes a new C-contiguous float32 (3, R, R)
+    return _UINT8_TO_UNIT[pixels], (top, left)  # the lookup writes a new C-contiguous float32 (3, H, W)

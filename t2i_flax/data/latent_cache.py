@@ -10,7 +10,8 @@ with --random_flip, of its mirror image too (the VAE is not exactly mirror-symme
 SDXL, which flips before it crops, the centre crop of the flipped image), and the image's size after the
 resize and as decoded (SDXL's time ids hold the latter). The step then samples latent = mean + std * noise
 with the same random stream as the online step (t2i_flax/step.py), so the losses equal the online path's to
-float rounding. Random crops would need one entry per crop and cannot be cached (refused by the config).
+float rounding. Random crops would need one entry per crop and cannot be cached (refused by the config). With
+aspect-ratio buckets there is one cache per bucket, of its images at its size.
 
 Layout: <directory>/<key>/ with `meta.json` and one set of .npy files per (chunk, process): the usable
 records are cut into global chunks of `process_count x per_host` records, host p encodes its part of
@@ -127,10 +128,11 @@ class LatentCache:
         return state
 
     # ---- the pass -------------------------------------------------------------------------------
-    def build(self, dataset, image_column: str, resolution: int, encode_moments, mesh, show_progress: bool) -> int:
+    def build(self, dataset, image_column: str, target, encode_moments, mesh, show_progress: bool) -> int:
         """Encodes every chunk that is not complete; returns how many chunks this call encoded. Every
-        process must call it (the encoder program is sharded over all devices). `encode_moments(pixels)`:
-        a global batch (B, 3, R, R) -> (mean, std) global arrays (B, C, h, w)."""
+        process must call it (the encoder program is sharded over all devices). `target`: the images' size (a
+        side, or a bucket's (width, height)); `encode_moments(pixels)`: a global batch (B, 3, H, W) -> (mean, std)
+        global arrays (B, C, h, w)."""
         import jax
         from jax.experimental import multihost_utils
 
@@ -146,7 +148,7 @@ class LatentCache:
                    disable=not show_progress)
         for chunk in missing:
             rows = self._rows(chunk, self.process_index)
-            pixels, sizes = self._load(dataset, image_column, resolution, rows)
+            pixels, sizes = self._load(dataset, image_column, target, rows)
             batch = np.concatenate(pixels) if self.random_flip else pixels[0]
             mean, std = encode_moments(sharding.global_batch(mesh, {"pixels": batch})["pixels"])
             mean, std = _local_rows(mean), _local_rows(std)
@@ -163,7 +165,7 @@ class LatentCache:
                             f"be on storage every host sees (--latent_cache_dir)")
         return len(missing)
 
-    def _load(self, dataset, image_column: str, resolution: int, rows: np.ndarray):
+    def _load(self, dataset, image_column: str, target, rows: np.ndarray):
         """Center-cropped pixels of this host's rows ([unflipped, flipped]), padded to per_host with copies of the
         first (dropped again before writing), and the sizes (resized width and height, decoded width and height)."""
         from concurrent.futures import ThreadPoolExecutor
@@ -172,14 +174,14 @@ class LatentCache:
 
         def one(record):
             image = decode_image(dataset[record][image_column])
-            size = resized_size(image.size[0], image.size[1], resolution) + image.size
-            pixels, _ = transform_image(image, resolution, center_crop=True, random_flip=False,
+            size = resized_size(image.size[0], image.size[1], target) + image.size
+            pixels, _ = transform_image(image, target, center_crop=True, random_flip=False,
                                         rng=np.random.default_rng(0))
             if not self.random_flip:
                 return (pixels,), size
             if self.flip_first:  # the centre crop of the mirror image (not the mirror of the centre crop)
                 always_flip = _AlwaysFlip()
-                flipped, _ = transform_image(image, resolution, center_crop=True, random_flip=True, rng=always_flip,
+                flipped, _ = transform_image(image, target, center_crop=True, random_flip=True, rng=always_flip,
                                              flip_first=True)
             else:
                 flipped = pixels[:, :, ::-1]
@@ -224,10 +226,11 @@ def _local_rows(array) -> np.ndarray:
 class CachedExampleAt:
     """The per-position example function over cached latents: the same records, order and random stream
     as `examples.ExampleAt` (whose caption pick, crop and flip draws it repeats from the stored resized
-    size), giving {"latent_mean", "latent_std": float32 (C, h, w), "input_ids": int32 (L,)}."""
+    size), giving {"latent_mean", "latent_std": float32 (C, h, w), "input_ids": int32 (L,)}. `caches`: {(width,
+    height): the LatentCache of the images trained at that size} (one, or one per aspect-ratio bucket)."""
 
-    def __init__(self, online, cache: LatentCache):
-        self.online, self.cache = online, cache
+    def __init__(self, online, caches: dict):
+        self.online, self.caches = online, caches
         self.captions = online.dataset.select_columns([online.caption_column])
         self.records, self.seed, self.slots = online.records, online.seed, online.slots
 
@@ -236,11 +239,13 @@ class CachedExampleAt:
         epoch, slot = self.slots.slot(int(position))
         order = online._order(epoch)
         record = int(self.records[order[slot % len(order)]])
+        target = online.target(epoch, slot)
+        cache = self.caches[target]
         rng = sample_rng(self.seed, epoch, record)
         caption = online.pick_caption(self.captions[record][online.caption_column], record, rng)
-        width, height = self.cache.size(record)
-        _, _, flip = draw_crop_and_flip(rng, width, height, online.resolution)
-        mean, std = self.cache.read(record, online.random_flip and flip)
-        crop = center_crop_offsets(width, height, online.resolution)
+        width, height = cache.size(record)
+        _, _, flip = draw_crop_and_flip(rng, width, height, target)
+        mean, std = cache.read(record, online.random_flip and flip)
+        crop = center_crop_offsets(width, height, target)
         return {"latent_mean": mean, "latent_std": std,
-                **online.text_inputs(online.empty_or(caption, rng), self.cache.original_size(record), crop)}
+                **online.text_inputs(online.empty_or(caption, rng), cache.original_size(record), crop, target)}

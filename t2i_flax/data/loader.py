@@ -4,8 +4,8 @@
 Resume: the iterator's state is {"next_batch": k, ...}. The pipeline is a random-access Grain
 MapDataset, so restoring rebuilds it starting at batch k: exact, O(1), and valid for any
 num_workers and any process count with the same global batch. The state also holds a digest of the
-usable record list, so a resume onto a different list (files changed) is refused instead of silently
-training on another order.
+usable record list (and, with aspect-ratio buckets, of the bucket table and each record's bucket), so a resume
+onto a different list (files changed) is refused instead of silently training on another order.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from t2i_flax.config import DataConfig
+from t2i_flax.data import buckets as bucketing
 from t2i_flax.data.examples import ExampleAt
 from t2i_flax.data.order import HostSlots, selected_records
 from t2i_flax.data.scan import DataStats, host_group
@@ -160,9 +161,14 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def records_digest(records: np.ndarray) -> str:
-    """A short digest of the usable record list (what the epoch permutations index)."""
-    return hashlib.sha256(np.ascontiguousarray(records, dtype=np.int64).tobytes()).hexdigest()[:16]
+def records_digest(records: np.ndarray, buckets: "bucketing.BucketPlan | None" = None) -> str:
+    """A short digest of the usable record list (what the epoch permutations index) and, with aspect-ratio buckets,
+    of the bucket sizes and each record's bucket (what the epochs' batches are made of)."""
+    digest = hashlib.sha256(np.ascontiguousarray(records, dtype=np.int64).tobytes())
+    if buckets is not None:
+        digest.update(repr(buckets.sizes).encode())
+        digest.update(np.ascontiguousarray(buckets.bucket_of, dtype=np.int32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class TrainLoader:
@@ -181,7 +187,8 @@ class TrainLoader:
         self.stats = stats
         self.scan_from_cache = scan_from_cache
         self._unwritten_scan_file = unwritten_scan_file
-        self.records_digest = records_digest(example_fn.records)
+        self.records_digest = records_digest(example_fn.records, example_fn.buckets)
+        self.buckets = example_fn.buckets  # buckets.BucketPlan, or None
         self.seed = example_fn.seed
         self.host_batch_size = slots.host_batch_size
         self.global_batch_size = slots.global_batch_size
@@ -274,8 +281,8 @@ def build_train_loader(
     """Builds the training loader of this host (order and sharding: data/order.py; resume: above).
 
     data_config: the source (dataset_name, dataset_config_name, train_data_dir), its columns,
-    max_train_samples, resolution, center_crop, random_flip and dataloader_num_workers (decode processes,
-    0 = in this process). dataset: an already loaded `datasets.Dataset`; the config's names then only say
+    max_train_samples, resolution, center_crop, random_flip, dataloader_num_workers (decode processes,
+    0 = in this process) and the aspect-ratio bucket flags. dataset: an already loaded `datasets.Dataset`; the config's names then only say
     where it came from (they are part of its identity, which keys the scan file and a latent cache).
     cache_dir: the `datasets` cache. host_batch_size: per-device batch x local device count.
     process_index / process_count default to jax.process_index() / jax.process_count().
@@ -329,8 +336,19 @@ def build_train_loader(
                        stats.num_truncated_captions, stats.num_captions, tokenizer.model_max_length)
     if stats.num_examples == 0:
         raise DataError(f"no readable image among the {stats.num_records} records of the dataset")
+    global_batch_size = host_batch_size * process_count
+    bucket_plan = None
+    if data_config.aspect_ratio_buckets:
+        if not validate_images:
+            raise ValueError("aspect-ratio buckets need the images' sizes: scan with validate_images=True")
+        bucket_plan = bucketing.make_plan(scan.sizes, data_config.resolution, data_config.bucket_step,
+                                          data_config.min_bucket_resolution, data_config.bucket_max_side,
+                                          global_batch_size, seed)
+        steps_per_epoch = bucket_plan.steps_per_epoch
+    else:
+        steps_per_epoch = stats.num_examples // global_batch_size
     slots = HostSlots(host_batch_size=host_batch_size, process_index=process_index, process_count=process_count,
-                      steps_per_epoch=stats.num_examples // (host_batch_size * process_count))
+                      steps_per_epoch=steps_per_epoch)
     if slots.steps_per_epoch == 0:
         raise DataError(f"the dataset has {stats.num_examples} usable images, fewer than one global batch "
                         f"({slots.global_batch_size}); lower --train_batch_size")
@@ -338,7 +356,7 @@ def build_train_loader(
                            tokenizer=tokenizer, resolution=data_config.resolution,
                            center_crop=data_config.center_crop, random_flip=data_config.random_flip, seed=seed,
                            slots=slots, tokenizer_2=tokenizer_2, size_conditioning=size_conditioning,
-                           proportion_empty_prompts=data_config.proportion_empty_prompts)
+                           proportion_empty_prompts=data_config.proportion_empty_prompts, buckets=bucket_plan)
     loader = TrainLoader(example_fn, stats, num_epochs=num_epochs, num_workers=data_config.dataloader_num_workers,
                          prefetch_batches=prefetch_batches, scan_from_cache=scan_from_cache,
                          unwritten_scan_file=unwritten_scan_file)

@@ -8,7 +8,8 @@ so the result is the same for any P, and equal to one process scanning everythin
 
 Per record: the caption is checked (a string or a non-empty list of strings) and counted, with how many
 are longer than the tokenizer's limit; the image is decoded (JPEGs at 1/8 scale, which still reads all
-the data). An image that does not decode is skipped with its reason. A caption that is not text, or an
+the data) and its size is kept (aspect-ratio buckets are chosen from it, without opening the image again). An
+image that does not decode is skipped with its reason. A caption that is not text, or an
 image column that holds no images, is the user's DataError: a host that finds one stops and reports it,
 and every host raises the one at the smallest position, so no host waits on the others in a collective
 that never comes.
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from t2i_flax.data.images import check_image
+from t2i_flax.data.images import inspect_image
 from t2i_flax.data.sources import caption_choices
 from t2i_flax.errors import DataError
 
@@ -49,6 +50,7 @@ class DataStats:
 class ScanResult:
     usable: np.ndarray  # int64 record indices with a readable image, in record-list order
     stats: DataStats
+    sizes: np.ndarray | None = None  # int32 (len(usable), 2): each usable image's (width, height) as decoded
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class HostScan:
     process_count: int
     num_positions: int  # length of the whole record list
     usable_positions: np.ndarray  # int64, increasing
+    sizes: np.ndarray  # int32 (len(usable_positions), 2): (width, height); zeros when images are not checked
     skipped: list[tuple[int, str]]  # (position, reason), the share's first MAX_SKIPPED_REASONS
     num_skipped: int
     num_captions: int
@@ -104,12 +107,12 @@ def share_positions(num_positions: int, process_index: int, process_count: int) 
     return np.arange(process_index, num_positions, process_count, dtype=np.int64)
 
 
-def _check_image_or_error(value: Any) -> tuple[str | None, str | None]:
-    """(reason the image is unreadable or None, DataError message or None) for one image value."""
+def _check_image_or_error(value: Any) -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """(reason the image is unreadable or None, its size or None, DataError message or None) for one image."""
     try:
-        return check_image(value), None
+        return *inspect_image(value), None
     except DataError as error:  # the wrong column: reported to every host, then raised by all
-        return None, str(error)
+        return None, None, str(error)
 
 
 def scan_host_share(
@@ -132,7 +135,7 @@ def scan_host_share(
 
     positions = share_positions(len(records), process_index, process_count)
     captions_only = dataset.select_columns([caption_column])
-    usable, skipped = [], []
+    usable, sizes, skipped = [], [], []
     num_skipped = num_captions = num_truncated = 0
     error = None
     progress = tqdm(total=len(positions), desc="checking images", unit="img", dynamic_ncols=True,
@@ -155,23 +158,25 @@ def scan_host_share(
             if validate_images:
                 checks = list(pool.map(_check_image_or_error, rows[image_column]))
             else:
-                checks = [(None, None)] * len(chunk_positions)
-            image_error = next(((p, message) for p, (_, message) in zip(chunk_positions, checks)
+                checks = [(None, (0, 0), None)] * len(chunk_positions)
+            image_error = next(((p, message) for p, (_, _, message) in zip(chunk_positions, checks)
                                 if message is not None), None)
             errors = [e for e in (caption_error, image_error) if e is not None]
             if errors:
                 error = min(errors, key=lambda e: e[0])  # a caption's error first at the same position
                 break
-            for position, (reason, _) in zip(chunk_positions, checks):
+            for position, (reason, size, _) in zip(chunk_positions, checks):
                 if reason is None:
                     usable.append(position)
+                    sizes.append(size)
                 else:
                     num_skipped += 1
                     if len(skipped) < MAX_SKIPPED_REASONS:
                         skipped.append((position, reason))
             progress.update(len(chunk_positions))
     return HostScan(process_index=process_index, process_count=process_count, num_positions=len(records),
-                    usable_positions=np.asarray(usable, dtype=np.int64), skipped=skipped, num_skipped=num_skipped,
+                    usable_positions=np.asarray(usable, dtype=np.int64),
+                    sizes=np.asarray(sizes, dtype=np.int32).reshape(-1, 2), skipped=skipped, num_skipped=num_skipped,
                     num_captions=num_captions, num_truncated_captions=num_truncated, error=error)
 
 
@@ -188,6 +193,9 @@ def merge_host_scans(records: np.ndarray, scans: Sequence[HostScan]) -> ScanResu
     if errors:
         raise DataError(min(errors, key=lambda e: e[0])[1])
     usable_positions = np.sort(np.concatenate([s.usable_positions for s in scans]))
+    sizes = np.zeros((len(records), 2), np.int32)
+    for share in scans:
+        sizes[share.usable_positions] = share.sizes
     skipped = sorted((p, reason) for s in scans for p, reason in s.skipped)[:MAX_SKIPPED_REASONS]
     stats = DataStats(
         num_records=len(records), num_examples=len(usable_positions),
@@ -196,14 +204,17 @@ def merge_host_scans(records: np.ndarray, scans: Sequence[HostScan]) -> ScanResu
         num_captions=sum(s.num_captions for s in scans),
         num_truncated_captions=sum(s.num_truncated_captions for s in scans),
     )
-    return ScanResult(usable=np.asarray(records, dtype=np.int64)[usable_positions], stats=stats)
+    return ScanResult(usable=np.asarray(records, dtype=np.int64)[usable_positions], stats=stats,
+                      sizes=sizes[usable_positions])
 
 
 def exchange_host_scans(scan: HostScan, allgather: Allgather) -> list[HostScan]:
     """This host's share -> every host's share, through two allgathers (text lengths, then a usable-position
-    bitmap over the whole record list and the padded JSON text of the rest)."""
+    bitmap and the image sizes over the whole record list, and the padded JSON text of the rest)."""
     bitmap = np.zeros(scan.num_positions, dtype=bool)
     bitmap[scan.usable_positions] = True
+    sizes = np.zeros((scan.num_positions, 2), np.int32)
+    sizes[scan.usable_positions] = scan.sizes
     text = json.dumps({
         "skipped": scan.skipped, "num_skipped": scan.num_skipped, "num_captions": scan.num_captions,
         "num_truncated_captions": scan.num_truncated_captions, "error": scan.error,
@@ -211,15 +222,16 @@ def exchange_host_scans(scan: HostScan, allgather: Allgather) -> list[HostScan]:
     lengths = np.asarray(allgather(np.asarray([len(text)], dtype=np.int32))).reshape(-1)
     padded = np.zeros(int(lengths.max()), dtype=np.uint8)
     padded[:len(text)] = np.frombuffer(text, dtype=np.uint8)
-    gathered = allgather({"bitmap": np.packbits(bitmap), "text": padded})
+    gathered = allgather({"bitmap": np.packbits(bitmap), "sizes": sizes, "text": padded})
     bitmaps, texts = np.asarray(gathered["bitmap"]), np.asarray(gathered["text"])
+    every_sizes = np.asarray(gathered["sizes"])
     scans = []
     for index, length in enumerate(lengths):
         fields = json.loads(texts[index, :int(length)].tobytes())
         usable = np.flatnonzero(np.unpackbits(bitmaps[index], count=scan.num_positions)).astype(np.int64)
         scans.append(HostScan(
             process_index=index, process_count=len(lengths), num_positions=scan.num_positions,
-            usable_positions=usable, skipped=[(int(p), str(r)) for p, r in fields["skipped"]],
+            usable_positions=usable, sizes=every_sizes[index][usable], skipped=[(int(p), str(r)) for p, r in fields["skipped"]],
             num_skipped=int(fields["num_skipped"]), num_captions=int(fields["num_captions"]),
             num_truncated_captions=int(fields["num_truncated_captions"]),
             error=None if fields["error"] is None else (int(fields["error"][0]), str(fields["error"][1])),

@@ -7,7 +7,8 @@ folder it came from: each file's relative path, size and mtime), the two columns
 and the tokenizer (its vocabulary, merges and model_max_length: they decide the truncation count). A file
 whose key differs in anything is stale: it is never used, the scan runs and overwrites it.
 
-The body: the usable records as a bitmap over the record list (base64; 1M records = 167 KB), the skipped
+The body: the usable records as a bitmap over the record list (base64; 1M records = 167 KB), their images'
+sizes (int32 width and height, base64; 1M images = 11 MB), the skipped
 count with the first reasons, and the caption counts. Only process 0 writes (to a temporary name, then
 renamed), when the caller says so (the trainer: once its inputs are all checked, since nothing is written
 for a run that stops on bad input). Every process reads it; the processes then agree (one allgather of a
@@ -31,7 +32,7 @@ from t2i_flax.data.scan import DataStats, HostGroup, ScanResult, scan_records
 
 logger = logging.getLogger(__name__)
 
-SCAN_FILE_FORMAT = 1
+SCAN_FILE_FORMAT = 2  # 2: the usable images' sizes
 
 
 class _MalformedScanFile(ValueError):
@@ -77,6 +78,7 @@ def scan_document(key: dict[str, Any], records: np.ndarray, result: ScanResult) 
         "num_records": stats.num_records,
         "num_examples": stats.num_examples,
         "usable_bitmap": base64.b64encode(np.packbits(usable).tobytes()).decode("ascii"),
+        "sizes": base64.b64encode(np.ascontiguousarray(result.sizes, dtype="<i4").tobytes()).decode("ascii"),
         "num_skipped_images": stats.num_skipped_images,
         "skipped": [[int(record), reason] for record, reason in stats.skipped],
         "num_captions": stats.num_captions,
@@ -114,7 +116,11 @@ def result_from_document(document: dict[str, Any], records: np.ndarray) -> ScanR
     )
     if stats.num_examples != int(usable.sum()) or stats.num_skipped_images != num_records - stats.num_examples:
         raise _MalformedScanFile("counts that do not match the bitmap")
-    return ScanResult(usable=np.asarray(records, dtype=np.int64)[usable], stats=stats)
+    sizes = np.frombuffer(base64.b64decode(_field(document, "sizes", str), validate=True), dtype="<i4")
+    if sizes.size != 2 * stats.num_examples:
+        raise _MalformedScanFile(f"{sizes.size // 2} image sizes for {stats.num_examples} usable records")
+    return ScanResult(usable=np.asarray(records, dtype=np.int64)[usable], stats=stats,
+                      sizes=sizes.reshape(-1, 2).astype(np.int32))
 
 
 def read_scan_file(path: str, key: dict[str, Any], records: np.ndarray) -> ScanResult | None:
@@ -160,6 +166,7 @@ def write_scan_file(path: str, key: dict[str, Any], records: np.ndarray, result:
 def result_digest(result: ScanResult) -> bytes:
     digest = hashlib.sha256(np.ascontiguousarray(result.usable, dtype=np.int64).tobytes())
     digest.update(json.dumps(dataclasses.asdict(result.stats), sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(result.sizes, dtype=np.int32).tobytes())
     return digest.digest()
 
 
