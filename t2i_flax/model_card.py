@@ -17,7 +17,14 @@ def settings_table(config, plan, trainable) -> dict:
             "noise offset": config.train.noise_offset, "seed": config.train.seed,
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
-            **trainable.card_settings()}
+            **bucket_settings(config.data), **trainable.card_settings()}
+
+
+def bucket_settings(data_config) -> dict:
+    if not data_config.aspect_ratio_buckets:
+        return {}
+    return {"aspect-ratio buckets": f"step {data_config.bucket_step}, sides {data_config.min_bucket_resolution}-"
+                                    f"{data_config.bucket_max_side} (buckets.json)"}
 
 
 def write_model_card(output_dir: str, base_model: str, dataset: str, settings: dict, validation_grid: str | None,

@@ -268,6 +268,8 @@ def test_a_bucketed_run_logs_and_writes_its_table_and_compiles_every_bucket_firs
     assert "compiled the train step for 2 image sizes" in stdout
     assert stdout.count("latent cache: ") == 2  # one cache per bucket that holds a batch
     assert sorted(losses(output_dir)) == list(range(1, RUN_STEPS + 1))
+    card = open(os.path.join(output_dir, "README.md")).read()
+    assert "| aspect-ratio buckets | step 8, sides 16-64 (buckets.json) |" in card
 
 
 def test_sigkill_in_the_middle_of_an_epoch_then_resume_is_bit_identical(bucket_reference, pipeline_dir,
