@@ -37,7 +37,8 @@ def loader_over_cache(config: RunConfig, loader, built, vae_params):
     cache = latent_cache.LatentCache(
         data_config.latent_cache_dir or os.path.join(config.output.output_dir, "latent_cache"), key_fields,
         online.records, data_config.random_flip, (vae.latent_channels, latent_hw, latent_hw), jax.process_index(),
-        jax.process_count(), per_host=-(-64 // local) * local, flip_first=online.size_conditioning)
+        jax.process_count(), per_host=-(-64 // local) * local, flip_first=online.size_conditioning,
+        interpolation=data_config.image_interpolation_mode)
     placed = jax.device_put(encoder, sharding.tree_shardings(mesh, encoder))
     where = sharding.batch_sharding(mesh)
     encode = jax.jit(lambda params, pixels: step.posterior_moments(vae, params, pixels), out_shardings=(where, where))
