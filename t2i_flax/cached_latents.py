@@ -45,7 +45,7 @@ def loader_over_cache(config: RunConfig, loader, built, vae_params):
             data_config.latent_cache_dir or os.path.join(config.output.output_dir, "latent_cache"), fields,
             records, data_config.random_flip, (vae.latent_channels, height // factor, width // factor),
             jax.process_index(), jax.process_count(), per_host=-(-64 // local) * local,
-            flip_first=online.size_conditioning)
+            flip_first=online.size_conditioning, interpolation=data_config.image_interpolation_mode)
         start = time.perf_counter()
         encoded = cache.build(online.dataset, data_config.image_column, target, encode_pixels, mesh,
                               show_progress=jax.process_index() == 0)

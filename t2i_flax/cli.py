@@ -11,7 +11,7 @@ import os
 import sys
 
 from t2i_flax import errors
-from t2i_flax.config import SCHEDULES, RunConfig
+from t2i_flax.config import DEFAULT_INTERPOLATION, INTERPOLATION_MODES, SCHEDULES, RunConfig
 from t2i_flax.errors import EXIT_USAGE, FlagError  # noqa: F401  (EXIT_USAGE: the documented exit code)
 
 # Flags the documented Flax trainer does not have (its docs say so); one line each on why and what instead.
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--random_flip", action="store_true")
     a("--proportion_empty_prompts", type=float, default=0.0,
       help="Fraction of captions replaced by an empty one (so that guidance has an unconditional prediction).")
+    a("--shuffle_caption", action="store_true",
+      help="Shuffle each caption's tags (split on --caption_separator, joined with ', '), per sample.")
+    a("--keep_tokens", type=int, default=0,
+      help="The first N tags stay first, in order, and are never dropped (with --shuffle_caption/--caption_tag_dropout).")
+    a("--caption_tag_dropout", "--caption_tag_dropout_rate", dest="caption_tag_dropout", type=float, default=0.0,
+      help="Drop each tag (after the first --keep_tokens) with this probability, per sample.")
+    a("--caption_separator", type=str, default=",", help="What a caption's tags are separated by.")
+    a("--image_interpolation_mode", type=str, default=DEFAULT_INTERPOLATION,
+      help=f"The resize's filter, as torchvision's Resize on PIL images: {', '.join(INTERPOLATION_MODES)} "
+           f"(diffusers' PyTorch scripts; the documented Flax script used bilinear).")
     a("--dataloader_num_workers", type=int, default=0, help="Decode worker processes (0: in the main process).")
     a("--aspect_ratio_buckets", action="store_true",
       help="Train each image at the bucket size nearest its aspect ratio (kohya's rule; see README).")

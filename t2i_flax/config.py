@@ -19,6 +19,13 @@ from t2i_flax.errors import FlagError
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 POLYNOMIAL_END_LR = 1e-7
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
+# --image_interpolation_mode: the lower-cased torchvision InterpolationMode names diffusers' PyTorch scripts accept
+# (data/images.py maps them to PIL's filters as torchvision does on PIL images); their default.
+INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
+DEFAULT_INTERPOLATION = "lanczos"
+# What a checkpoint written before a field existed computed with, where that is not the field's default: runs
+# before --image_interpolation_mode resized with bilinear.
+BEFORE_THE_FLAG = {"image_interpolation_mode": "bilinear"}
 SECRET_FIELDS = ("hub_token",)
 # Compared as real paths on resume when they name existing local folders.
 PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir")
@@ -110,6 +117,11 @@ class DataConfig:
     bucket_step: int = 64
     min_bucket_resolution: int = 256
     max_bucket_resolution: int | None = None  # default 2 x resolution
+    shuffle_caption: bool = False           # shuffle the caption's tags (after the first keep_tokens)
+    keep_tokens: int = 0                    # the first N tags stay first and are never dropped
+    caption_tag_dropout: float = 0.0        # drop each other tag with this probability
+    caption_separator: str = ","            # what the tags are split on (joined with ", ")
+    image_interpolation_mode: str = DEFAULT_INTERPOLATION  # the resize's filter (diffusers' PyTorch scripts')
     # Cached latents give the online path's losses to float rounding: switching on resume is allowed.
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"dataloader_num_workers", "cache_latents", "latent_cache_dir"})
 
@@ -125,6 +137,12 @@ class DataConfig:
                             "cannot be cached (flips can: both are stored)")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise FlagError(f"--proportion_empty_prompts {self.proportion_empty_prompts} must be between 0 and 1")
+        if not 0.0 <= self.caption_tag_dropout <= 1.0:
+            raise FlagError(f"--caption_tag_dropout {self.caption_tag_dropout} must be between 0 and 1")
+        _non_negative(self, "keep_tokens")
+        if not self.caption_separator:
+            raise FlagError("--caption_separator must not be empty")
+        _one_of("image_interpolation_mode", self.image_interpolation_mode, INTERPOLATION_MODES)
         if self.aspect_ratio_buckets:
             _positive(self, "bucket_step", "min_bucket_resolution", "max_bucket_resolution")
             if self.bucket_step % 8:
@@ -381,6 +399,7 @@ class RunConfig:
                 if field.name in group_cls.MAY_CHANGE or field.name in SECRET_FIELDS:
                     continue
                 default = None if field.default is dataclasses.MISSING else field.default
+                default = BEFORE_THE_FLAG.get(field.name, default)
                 before = saved.get(name, {}).get(field.name, default)
                 if not _same_setting(field.name, before, now[name][field.name]):
                     differences.append(f"--{field.name}: {before!r} in the checkpoint, {now[name][field.name]!r} now")

@@ -17,6 +17,7 @@ def settings_table(config, plan, trainable) -> dict:
             "noise offset": config.train.noise_offset, "seed": config.train.seed,
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
+            "resize filter": config.data.image_interpolation_mode, **caption_settings(config.data),
             **bucket_settings(config.data), **trainable.card_settings()}
 
 
@@ -25,6 +26,21 @@ def bucket_settings(data_config) -> dict:
         return {}
     return {"aspect-ratio buckets": f"step {data_config.bucket_step}, sides {data_config.min_bucket_resolution}-"
                                     f"{data_config.bucket_max_side} (buckets.json)"}
+
+
+def caption_settings(data) -> dict:
+    """The caption options' row, when any is set."""
+    parts = []
+    if data.proportion_empty_prompts:
+        parts.append(f"empty prompts {data.proportion_empty_prompts:g}")
+    if data.shuffle_caption:
+        parts.append("tags shuffled")
+    if data.caption_tag_dropout:
+        parts.append(f"tag dropout {data.caption_tag_dropout:g}")
+    if parts and (data.shuffle_caption or data.caption_tag_dropout):
+        separator = data.caption_separator.replace("|", "\\|")  # a table cell
+        parts.append(f"first {data.keep_tokens} tags kept, split on `{separator}`")
+    return {"captions": ", ".join(parts)} if parts else {}
 
 
 def write_model_card(output_dir: str, base_model: str, dataset: str, settings: dict, validation_grid: str | None,

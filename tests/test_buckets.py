@@ -190,7 +190,8 @@ def test_a_bucketed_iterator_resumes_exactly_and_a_changed_table_is_refused(tmp_
 
 def test_a_bucketed_sample_is_resized_to_cover_then_cropped_and_sdxl_time_ids_hold_the_bucket(tmp_path, tokenizer):
     """A 90x40 image goes to the 48x16 bucket (log aspect ratio 0.81: 1.10 for 48x16, 0.51 for 40x24): resized
-    (PIL bilinear, torchvision's truncation) to 48x21, then cropped to 48x16 where the sample drew (top in 0..5);
+    (Lanczos, the default filter; torchvision's truncation) to 48x21, then cropped to 48x16 where the sample drew
+    (top in 0..5);
     SDXL's time ids: the original (40, 90), the crop, the bucket (16, 48)."""
     folder = tmp_path / "one"
     folder.mkdir()
@@ -203,7 +204,7 @@ def test_a_bucketed_sample_is_resized_to_cover_then_cropped_and_sdxl_time_ids_ho
                            size_conditioning=True)
     assert loader.buckets.sizes[loader.buckets.bucket_of[0]] == (48, 16)
     batch = next(loader.iterator())
-    resized = np.asarray(Image.fromarray(pixels).resize((48, 21), Image.BILINEAR))
+    resized = np.asarray(Image.fromarray(pixels).resize((48, 21), Image.LANCZOS))
     tops = set()
     for j in range(4):
         top, left = int(batch["time_ids"][j][2]), int(batch["time_ids"][j][3])

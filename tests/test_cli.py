@@ -41,6 +41,11 @@ REFUSED = [
     (["--attention", "cudnn"], "--attention cudnn needs --mixed_precision bf16"),
     (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1]"),
     (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts 1.5 must be between 0 and 1"),
+    (["--caption_tag_dropout", "-0.1"], "--caption_tag_dropout -0.1 must be between 0 and 1"),
+    (["--caption_tag_dropout_rate", "2"], "--caption_tag_dropout 2.0 must be between 0 and 1"),
+    (["--keep_tokens", "-1"], "--keep_tokens must be >= 0"),
+    (["--caption_separator", ""], "--caption_separator must not be empty"),
+    (["--image_interpolation_mode", "cubic"], "'cubic' is not one of: bicubic, bilinear, box, hamming, lanczos"),
 ]
 
 

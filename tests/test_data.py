@@ -167,7 +167,7 @@ def test_resize_short_side_size_rule_and_values_against_torch_antialias():
     for height, width, resolution in [(30, 45, 16), (50, 20, 16), (12, 12, 20)]:
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         out = preprocess_image(Image.fromarray(pixels), resolution, center_crop=True, random_flip=False,
-                               rng=np.random.default_rng(0))
+                               rng=np.random.default_rng(0), interpolation="bilinear")
         new_width, new_height = resized_size(width, height, resolution)
         resized = torch.nn.functional.interpolate(
             torch.from_numpy(pixels).permute(2, 0, 1)[None].float(), size=(new_height, new_width),
@@ -176,6 +176,84 @@ def test_resize_short_side_size_rule_and_values_against_torch_antialias():
         expected = resized[:, top:top + resolution, left:left + resolution].numpy() / 255 * 2 - 1
         # PIL (what torchvision runs on PIL images) vs torch's float antialiased bilinear: rounding only
         assert np.abs(out - expected).max() <= 2 / 255 + 1e-6
+
+
+# torchvision's pil_modes_mapping (torchvision/transforms/functional.py): the PIL filter its Resize uses on a PIL
+# image for each InterpolationMode (nearest_exact too runs as PIL's NEAREST there). Written out here, not read from
+# t2i_flax, so that the test is a second source.
+TORCHVISION_PIL_FILTERS = {"nearest": 0, "nearest_exact": 0, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5,
+                           "lanczos": 1}
+
+
+def torchvision_resize(image: Image.Image, resolution: int, mode: str) -> Image.Image:
+    """transforms.Resize(resolution, interpolation=mode) on a PIL image: torchvision itself where it is installed,
+    else what it runs, PIL's resize with the mapped filter at torchvision's size (checked above)."""
+    try:
+        from torchvision import transforms
+    except ImportError:
+        size = resized_size(*image.size, resolution)
+        return image if size == image.size else image.resize(size, TORCHVISION_PIL_FILTERS[mode])
+    return transforms.Resize(resolution, interpolation=transforms.InterpolationMode[mode.upper()])(image)
+
+
+def test_interpolation_modes_are_torchvisions_names_and_lanczos_by_default():
+    from t2i_flax import config
+
+    assert set(config.INTERPOLATION_MODES) == set(TORCHVISION_PIL_FILTERS)
+    assert DataConfig(dataset_name=IN_MEMORY).image_interpolation_mode == "lanczos"  # diffusers' PyTorch scripts
+    try:
+        from torchvision.transforms import InterpolationMode
+    except ImportError:
+        return
+    # the choices diffusers' train_text_to_image.py builds from torchvision
+    assert set(config.INTERPOLATION_MODES) == {f.lower() for f in dir(InterpolationMode)
+                                                if not f.startswith("__") and not f.endswith("__")}
+
+
+@pytest.mark.parametrize("mode", sorted(TORCHVISION_PIL_FILTERS))
+def test_every_interpolation_mode_gives_torchvisions_pixels(mode):
+    """resize() and the whole transform equal torchvision's Resize(R, mode) on PIL images pixel for pixel, when
+    shrinking, enlarging and at the size already (no resize); the modes really differ from each other."""
+    from t2i_flax.data.images import resize
+
+    rng = np.random.default_rng(1)
+    for height, width, resolution in [(30, 45, 16), (50, 20, 16), (12, 12, 20), (9, 7, 24), (16, 24, 16)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        want = torchvision_resize(image, resolution, mode)
+        got = resize(image, resized_size(width, height, resolution), mode)
+        assert got.size == want.size
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        out = preprocess_image(image, resolution, center_crop=True, random_flip=False, rng=np.random.default_rng(0),
+                               interpolation=mode)
+        top, left = center_crop_offsets(*want.size, resolution)
+        np.testing.assert_array_equal(out, normalize(np.array(want)[top:top + resolution, left:left + resolution]))
+    image = Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8))
+    others = {other: np.asarray(resize(image, (24, 16), other)).tobytes() for other in TORCHVISION_PIL_FILTERS}
+    assert len(set(others.values())) == 6  # seven names, six filters (nearest_exact is nearest on PIL images)
+    with pytest.raises(ValueError, match="'cubic' is not one of: "):
+        resize(image, (24, 16), "cubic")
+
+
+def test_the_latent_cache_and_resume_are_keyed_on_the_interpolation_mode(tmp_path):
+    from t2i_flax.config import RunConfig
+    from t2i_flax.data import latent_cache
+
+    def cache(**kwargs):
+        return latent_cache.LatentCache(str(tmp_path), {"test": 1}, np.arange(4), True, (4, 2, 2), 0, 1, per_host=4,
+                                        **kwargs)
+
+    assert cache().root == cache(interpolation="lanczos").root != cache(interpolation="bilinear").root
+    assert cache(interpolation="bicubic").meta["interpolation"] == "bicubic"
+    flags = {"pretrained_model_name_or_path": "m", "dataset_name": IN_MEMORY}
+    lanczos, bilinear = (RunConfig.from_flags(dict(flags, image_interpolation_mode=mode))
+                         for mode in ("lanczos", "bilinear"))
+    assert lanczos.resume_differences(bilinear.to_dict()) == [
+        "--image_interpolation_mode: 'bilinear' in the checkpoint, 'lanczos' now"]
+    before_the_flag = lanczos.to_dict()  # a checkpoint written before the flag resized with bilinear
+    del before_the_flag["data"]["image_interpolation_mode"]
+    assert bilinear.resume_differences(before_the_flag) == []
+    assert lanczos.resume_differences(before_the_flag) == [
+        "--image_interpolation_mode: 'bilinear' in the checkpoint, 'lanczos' now"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,7 +739,7 @@ def test_sdxl_examples_are_the_sdxl_scripts_crop_flip_and_time_ids(tokenizer, ce
         rng = sample_rng(3, epoch, record)
         rng.integers(0, 1)  # the caption pick (one caption)
         width, height = resized_size(*image.size, resolution)
-        resized = image.resize((width, height), Image.BILINEAR)
+        resized = image.resize((width, height), Image.LANCZOS)  # the default mode, as diffusers' SDXL script's
         top, left = int(rng.integers(0, height - resolution + 1)), int(rng.integers(0, width - resolution + 1))
         flip = rng.random() < 0.5
         flips += flip

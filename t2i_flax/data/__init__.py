@@ -3,10 +3,12 @@
 Path of one example (record = a row of the `datasets` dataset):
 
   dataset row --decode_image--> RGB PIL image --preprocess_image--> float32 (3, R, R) in [-1, 1]
-  dataset row --pick caption (string, or one of a list)--> tokenizer --> int32 (model_max_length,)
+  dataset row --pick caption (string, or one of a list)--> [empty prompt, tag shuffle/dropout] --> tokenizer
+      --> int32 (model_max_length,)
 
   sources.py     the "train" split of a datasets dataset or an imagefolder; columns; captions; identity
   images.py      decode, image modes -> RGB, the bad-file check, resize/crop/flip/normalize
+  captions.py    caption tags: shuffle, keep the first N, tag dropout (kohya's options)
   scan.py        which records are usable: each host scans its share, the hosts exchange and merge
   scan_cache.py  the scan's result as a small keyed JSON file (a resumed run reads it instead of scanning)
   order.py       record selection, epoch permutations, host slots, per-sample random streams

@@ -14,7 +14,8 @@ import logging
 
 import numpy as np
 
-from t2i_flax.data.images import IMAGE_DECODE_ERRORS, decode_image, transform_image
+from t2i_flax.data.captions import TagOptions
+from t2i_flax.data.images import DEFAULT_INTERPOLATION, IMAGE_DECODE_ERRORS, decode_image, transform_image
 from t2i_flax.data.order import HostSlots, epoch_permutation, sample_rng
 from t2i_flax.data.sources import caption_choices
 from t2i_flax.errors import DataError
@@ -32,7 +33,7 @@ class ExampleAt:
     def __init__(self, dataset, records: np.ndarray, *, image_column: str, caption_column: str, tokenizer,
                  resolution: int, center_crop: bool, random_flip: bool, seed: int, slots: HostSlots,
                  tokenizer_2=None, size_conditioning: bool = False, proportion_empty_prompts: float = 0.0,
-                 buckets=None):
+                 tags: TagOptions = TagOptions(), interpolation: str = DEFAULT_INTERPOLATION, buckets=None):
         self.dataset = dataset
         self.records = records
         self.image_column, self.caption_column = image_column, caption_column
@@ -41,6 +42,8 @@ class ExampleAt:
         self.tokenizer_2 = tokenizer_2
         self.size_conditioning = size_conditioning  # SDXL: time ids, and the flip before the crop (as its script)
         self.proportion_empty_prompts = proportion_empty_prompts
+        self.tags = tags  # --shuffle_caption, --keep_tokens, --caption_tag_dropout (data/captions.py)
+        self.interpolation = interpolation  # --image_interpolation_mode
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed = seed
         self.slots = slots
@@ -81,9 +84,9 @@ class ExampleAt:
         image = decode_image(row[self.image_column])
         pixel_values, crop = transform_image(image, target, center_crop=self.center_crop,
                                              random_flip=self.random_flip, rng=rng,
-                                             flip_first=self.size_conditioning)
+                                             flip_first=self.size_conditioning, interpolation=self.interpolation)
         return {"pixel_values": pixel_values,
-                **self.text_inputs(self.empty_or(caption, rng), image.size, crop, target)}
+                **self.text_inputs(self.final_caption(caption, rng), image.size, crop, target)}
 
     def pick_caption(self, value, record: int, rng: np.random.Generator) -> str:
         """The sample's caption: one of a list (the first draw of the sample's stream)."""
@@ -96,6 +99,12 @@ class ExampleAt:
         if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
             return ""
         return caption
+
+    def final_caption(self, caption: str, rng: np.random.Generator) -> str:
+        """The picked caption after the options that follow the image's draws, in this order: the whole caption
+        dropped (--proportion_empty_prompts), then its tags shuffled and dropped (captions.TagOptions); an
+        emptied caption stays empty."""
+        return self.tags.apply(self.empty_or(caption, rng), rng)
 
     def text_inputs(self, caption: str, original_size: tuple[int, int], crop: tuple[int, int],
                     target: tuple[int, int]) -> dict:

@@ -1,9 +1,11 @@
 """Images: decode any record to 8-bit RGB, check that a record decodes, and the training transforms.
 
 The transforms reproduce the reference PyTorch/torchvision pipeline on PIL images exactly
-(Resize(R, bilinear) of the short side = PIL.Image.resize(BILINEAR) with torchvision's size rule,
-CenterCrop with torchvision's rounding or RandomCrop(R), optional horizontal flip,
-ToTensor + Normalize([0.5], [0.5])), with PIL and numpy only.
+(Resize(R, interpolation=mode) of the short side = PIL.Image.resize with the filter torchvision maps that mode
+to on PIL images and torchvision's size rule, CenterCrop with torchvision's rounding or RandomCrop(R), optional
+horizontal flip, ToTensor + Normalize([0.5], [0.5])), with PIL and numpy only. The mode is
+--image_interpolation_mode: the choices and default (lanczos) of diffusers' PyTorch scripts; the documented
+Flax script resized with bilinear.
 
 Image modes: everything becomes 8-bit RGB. Images with transparency (RGBA, LA, PA, RGBa, P or L/RGB
 with a transparent colour) are composited on WHITE: rgb = 255 - round((255 - c) * alpha / 255)
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from t2i_flax.config import DEFAULT_INTERPOLATION  # diffusers' PyTorch scripts' (lanczos, since diffusers #11426)
 from t2i_flax.errors import DataError
 
 # What PIL raises for a bad or truncated image file (UnidentifiedImageError is an OSError). Nothing else
@@ -35,6 +38,18 @@ IMAGE_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error,
 
 # EXIF orientations that turn the image by 90 degrees (width and height swap when applied).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# --image_interpolation_mode -> the PIL filter torchvision's Resize uses on a PIL image (its pil_modes_mapping):
+# the lower-cased names of torchvision's InterpolationMode, which diffusers' PyTorch scripts accept. On PIL images
+# torchvision runs nearest_exact as PIL's NEAREST (only its tensor path differs).
+INTERPOLATION_MODES = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+}
 
 # ToTensor + Normalize([0.5], [0.5]) of every uint8 value, computed as torch does in float32.
 _UINT8_TO_UNIT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(0.5)) / np.float32(0.5)
@@ -151,6 +166,16 @@ def resized_size(width: int, height: int, target) -> tuple[int, int]:
     return target_width, max(target_height, int(target_width * height / width))
 
 
+def resize(image: Image.Image, size: tuple[int, int], mode: str = DEFAULT_INTERPOLATION) -> Image.Image:
+    """`image` resized to `size` (width, height) as torchvision's Resize with InterpolationMode `mode` resizes a PIL
+    image: PIL's resize with the matching filter (no reducing_gap); the image itself when it has that size."""
+    if mode not in INTERPOLATION_MODES:
+        raise ValueError(f"interpolation mode {mode!r} is not one of: {', '.join(INTERPOLATION_MODES)}")
+    if tuple(size) == image.size:
+        return image
+    return image.resize(tuple(size), INTERPOLATION_MODES[mode])
+
+
 def center_crop_offsets(width: int, height: int, target) -> tuple[int, int]:
     """(top, left) of torchvision's CenterCrop (Python round, i.e. halves to even)."""
     target_width, target_height = _pair(target)
@@ -173,26 +198,29 @@ def preprocess_image(
     center_crop: bool,
     random_flip: bool,
     rng: np.random.Generator,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> np.ndarray:
     """RGB PIL image -> float32 (3, R, R) in [-1, 1], as Resize/Crop/Flip/ToTensor/Normalize.
 
     Draws from `rng`, always in this order and always both: crop top, crop left (integers, used
     only for random crop), flip (a float, used only with random_flip).
     """
-    return transform_image(image, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)[0]
+    return transform_image(image, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng,
+                           interpolation=interpolation)[0]
 
 
 def transform_image(image: Image.Image, target, *, center_crop: bool, random_flip: bool,
-                    rng: np.random.Generator, flip_first: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+                    rng: np.random.Generator, flip_first: bool = False,
+                    interpolation: str = DEFAULT_INTERPOLATION) -> tuple[np.ndarray, tuple[int, int]]:
     """(pixels float32 (3, H, W) in [-1, 1], crop (top, left)); `target`: a side (square) or an aspect-ratio
-    bucket's (width, height). The image is resized to cover it, then cropped to it. `flip_first`: flip, then crop
-    the flipped image, and give the crop's offsets in it (diffusers' SDXL script, whose time ids hold them); else
-    crop, then flip (the SD script). Both draw from `rng` as `preprocess_image`."""
+    bucket's (width, height). The image is resized to cover it (`interpolation`: the resize's mode, `resize`), then
+    cropped to it. `flip_first`: flip, then crop the flipped image, and give the crop's offsets in it (diffusers'
+    SDXL script, whose time ids hold them); else crop, then flip (the SD script). Both draw from `rng` as
+    `preprocess_image`."""
     target_width, target_height = _pair(target)
     width, height = image.size
     new_width, new_height = resized_size(width, height, (target_width, target_height))
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.BILINEAR)
+    image = resize(image, (new_width, new_height), interpolation)
     random_top, random_left, flip = draw_crop_and_flip(rng, new_width, new_height, (target_width, target_height))
     flip = random_flip and flip
     if center_crop:

@@ -18,7 +18,7 @@ records are cut into global chunks of `process_count x per_host` records, host p
 each chunk. A part is written to a temporary name and renamed, so an interrupted pass continues where it
 stopped, and a part is either there whole or not at all. The key is a hash of everything the numbers
 depend on (the VAE encoder's weights and compute dtype, the dataset and its usable records, columns,
-resolution, crop, flips), so a stale cache is never read: another key is another folder. Every host reads
+resolution, the resize's interpolation mode, crop, flips), so a stale cache is never read: another key is another folder. Every host reads
 any record (the epoch shuffle crosses host shares): on several hosts the directory must be on storage all
 of them see."""
 from __future__ import annotations
@@ -30,8 +30,8 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-from t2i_flax.data.images import (center_crop_offsets, decode_image, draw_crop_and_flip, resized_size,
-                                  transform_image)
+from t2i_flax.data.images import (DEFAULT_INTERPOLATION, center_crop_offsets, decode_image, draw_crop_and_flip,
+                                  resized_size, transform_image)
 from t2i_flax.data.order import sample_rng
 from t2i_flax.errors import DataError
 
@@ -54,17 +54,18 @@ def params_digest(tree) -> str:
 class LatentCache:
     def __init__(self, directory: str, key_fields: dict, records: np.ndarray, random_flip: bool,
                  latent_shape_CHW: tuple[int, int, int], process_index: int, process_count: int, per_host: int,
-                 flip_first: bool = False):
+                 flip_first: bool = False, interpolation: str = DEFAULT_INTERPOLATION):
         self.records = np.asarray(records, np.int64)
         self.random_flip = random_flip
         self.flip_first = flip_first
+        self.interpolation = interpolation  # the resize's mode (--image_interpolation_mode): part of the key
         self.flips = 2 if random_flip else 1
         self.latent_shape = tuple(latent_shape_CHW)
         self.process_index, self.process_count, self.per_host = process_index, process_count, per_host
         self.chunk = per_host * process_count
         self.num_chunks = -(-len(self.records) // self.chunk)
         fields = dict(key_fields, version=FORMAT_VERSION, flips=self.flips, latent_shape=list(self.latent_shape),
-                      flip_first=flip_first,
+                      flip_first=flip_first, interpolation=interpolation,
                       records=hashlib.sha256(self.records.tobytes()).hexdigest())
         self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
         self.meta = dict(fields, key=self.key, num_records=len(self.records), process_count=process_count,
@@ -176,13 +177,13 @@ class LatentCache:
             image = decode_image(dataset[record][image_column])
             size = resized_size(image.size[0], image.size[1], target) + image.size
             pixels, _ = transform_image(image, target, center_crop=True, random_flip=False,
-                                        rng=np.random.default_rng(0))
+                                        rng=np.random.default_rng(0), interpolation=self.interpolation)
             if not self.random_flip:
                 return (pixels,), size
             if self.flip_first:  # the centre crop of the mirror image (not the mirror of the centre crop)
                 always_flip = _AlwaysFlip()
                 flipped, _ = transform_image(image, target, center_crop=True, random_flip=True, rng=always_flip,
-                                             flip_first=True)
+                                             flip_first=True, interpolation=self.interpolation)
             else:
                 flipped = pixels[:, :, ::-1]
             return (pixels, flipped), size
@@ -248,4 +249,4 @@ class CachedExampleAt:
         mean, std = cache.read(record, online.random_flip and flip)
         crop = center_crop_offsets(width, height, target)
         return {"latent_mean": mean, "latent_std": std,
-                **online.text_inputs(online.empty_or(caption, rng), cache.original_size(record), crop, target)}
+                **online.text_inputs(online.final_caption(caption, rng), cache.original_size(record), crop, target)}

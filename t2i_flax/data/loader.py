@@ -23,6 +23,7 @@ import numpy as np
 
 from t2i_flax.config import DataConfig
 from t2i_flax.data import buckets as bucketing
+from t2i_flax.data.captions import TagOptions
 from t2i_flax.data.examples import ExampleAt
 from t2i_flax.data.order import HostSlots, selected_records
 from t2i_flax.data.scan import DataStats, host_group
@@ -356,7 +357,11 @@ def build_train_loader(
                            tokenizer=tokenizer, resolution=data_config.resolution,
                            center_crop=data_config.center_crop, random_flip=data_config.random_flip, seed=seed,
                            slots=slots, tokenizer_2=tokenizer_2, size_conditioning=size_conditioning,
-                           proportion_empty_prompts=data_config.proportion_empty_prompts, buckets=bucket_plan)
+                           proportion_empty_prompts=data_config.proportion_empty_prompts,
+                           tags=TagOptions(shuffle=data_config.shuffle_caption, keep_tokens=data_config.keep_tokens,
+                                           dropout=data_config.caption_tag_dropout,
+                                           separator=data_config.caption_separator),
+                           interpolation=data_config.image_interpolation_mode, buckets=bucket_plan)
     loader = TrainLoader(example_fn, stats, num_epochs=num_epochs, num_workers=data_config.dataloader_num_workers,
                          prefetch_batches=prefetch_batches, scan_from_cache=scan_from_cache,
                          unwritten_scan_file=unwritten_scan_file)
