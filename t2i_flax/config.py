@@ -56,6 +56,7 @@ class ModelConfig:
     prediction_type: str | None = None      # None: the model's scheduler config
     attention: str | None = None            # dot_product_attention implementation
     pretrained_vae_model_name_or_path: str | None = None  # a VAE (folder or Hub id) replacing the pipeline's
+    single_file_config: str | None = None   # a single-file base model's configs/tokenizers (folder or Hub id)
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"from_pt", "cache_dir", "attention"})
 
     def __post_init__(self):
@@ -67,6 +68,12 @@ class ModelConfig:
         _one_of("attention", self.attention, (None, "xla", "cudnn"))
         if self.attention == "cudnn" and self.mixed_precision != "bf16":
             raise FlagError("--attention cudnn needs --mixed_precision bf16 (cuDNN flash attention has no float32)")
+        from t2i_flax import single_file
+
+        if self.single_file_config is not None and not single_file.is_single_file(self.pretrained_model_name_or_path):
+            raise FlagError("--single_file_config needs a single-file checkpoint (a .safetensors file) as "
+                            "--pretrained_model_name_or_path")
+        single_file.check_reference(self.pretrained_model_name_or_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +170,16 @@ class OutputConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None            # never saved or printed
+    export_single_file: bool = False        # also <output_dir>/<name>.safetensors in the original SD layout
+    export_dtype: str | None = None         # its dtype: float16 (None), bfloat16, float32
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"output_dir", "logging_dir", "report_to", "log_every", "push_to_hub",
-                                                 "hub_model_id", "hub_token"})
+                                                 "hub_model_id", "hub_token", "export_single_file", "export_dtype"})
 
     def __post_init__(self):
         _positive(self, "log_every")
+        _one_of("export_dtype", self.export_dtype, (None, "float16", "bfloat16", "float32"))
+        if self.export_dtype is not None and not self.export_single_file:
+            raise FlagError("--export_dtype needs --export_single_file (the diffusers folder is float32)")
         _one_of("report_to", self.report_to, REPORT_TO)
         if self.report_to in ("wandb", "all") and self.hub_token is not None:
             raise FlagError("--hub_token with --report_to wandb would expose the token in the run's config; "
@@ -291,6 +303,11 @@ class RunConfig:
     validation: ValidationConfig
     lora: LoraConfig
     devices: DeviceConfig
+
+    def __post_init__(self):
+        if self.output.export_single_file and self.lora.enabled and not self.lora.lora_merge:
+            raise FlagError("--export_single_file with --lora_rank needs --lora_merge: a single file holds a whole "
+                            "pipeline, the adapters merged")
 
     @classmethod
     def from_flags(cls, flags: dict[str, Any]) -> "RunConfig":

@@ -11,6 +11,11 @@ if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
     import tempfile
 
     os.environ["T2I_FLAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_jax_cache_")
+# Single-file checkpoints are converted into a folder of this session too (t2i_flax/single_file.py).
+if "T2I_FLAX_SINGLE_FILE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["T2I_FLAX_SINGLE_FILE_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_single_file_")
 
 
 import pytest  # noqa: E402
@@ -103,6 +108,14 @@ def torch_sdxl_pipeline_dir(tmp_path_factory):
     from oracle import write_torch_sdxl_pipeline
 
     return write_torch_sdxl_pipeline(str(tmp_path_factory.mktemp("torch-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def torch_sd2_pipeline_dir(tmp_path_factory):
+    """A tiny SD 2.x pipeline made with the PyTorch classes (tests/oracle.py)."""
+    from oracle import write_torch_sd2_pipeline
+
+    return write_torch_sd2_pipeline(str(tmp_path_factory.mktemp("torch-sd2")))
 
 
 # (width, height) of the images of `sized_dataset_dir`: landscape, portrait and square, some needing no resize
