@@ -95,6 +95,15 @@ def _hub_parts(reference: str) -> tuple[str, str] | None:
     return "/".join(parts[:2]), "/".join(parts[2:])
 
 
+def hub_url(reference: str) -> str | None:
+    """The huggingface.co address of a Hub single file (`owner/repo/path.safetensors`; None for anything else),
+    as diffusers' from_single_file takes it."""
+    if not is_single_file(reference) or os.path.exists(os.path.expanduser(reference)):
+        return None
+    parts = _hub_parts(reference)
+    return f"https://huggingface.co/{parts[0]}/blob/main/{parts[1]}" if parts else None
+
+
 def local_file(reference: str, revision: str | None = None, cache_dir: str | None = None,
                local_files_only: bool | None = None) -> str:
     """The local path of a single file: the file itself, or a Hub file (`owner/repo/path.safetensors`) from the

@@ -375,3 +375,39 @@ def test_train_from_a_single_file_at_lr_0_exports_the_same_file(pipeline_dir, da
     before, after = load_file(source), load_file(os.path.join(output_dir, "tuned.safetensors"))
     assert sorted(before) == sorted(after) and len(before) > 300
     assert all(after[k].tobytes() == v.tobytes() for k, v in before.items())
+    card = open(os.path.join(output_dir, "README.md")).read()
+    assert f"base_model: {source}" in card and f"`{source}`" in card
+    # the export command on the run's checkpoint: the base model (a single file) found again from the run record
+    again = str(tmp_path / "again")
+    assert export.main(["--checkpoint", os.path.join(output_dir, "checkpoints", "2"), "--output_dir", again,
+                        "--single_file", "--export_dtype", "float32"]) == 0
+    assert load_file(os.path.join(again, "again.safetensors")).keys() == before.keys()
+    assert all(load_file(os.path.join(again, "again.safetensors"))[k].tobytes() == v.tobytes()
+               for k, v in before.items())
+
+
+def test_the_model_card_of_a_hub_single_file_names_its_repo(tmp_path):
+    from t2i_flax import model_card
+
+    path = model_card.write_model_card(str(tmp_path), "someone/models/sd15-finetune.safetensors", "data", {}, None,
+                                       ["a cat"], lora=True)
+    card = open(path).read()
+    assert "base_model: someone/models\n" in card
+    url = "https://huggingface.co/someone/models/blob/main/sd15-finetune.safetensors"
+    assert f"StableDiffusionPipeline.from_single_file(\"{url}\"" in card and f"]({url})" in card
+
+
+def test_generate_loads_a_single_file_with_its_configs(folders, files):
+    """generate's load_pipeline (and so `python -m t2i_flax.generate --model FILE`) reads the converted folder: the
+    SD 2.x file with its v-prediction scheduler and tokenizer from --single_file_config."""
+    import jax
+
+    pipeline = generate.load_pipeline(files["sd2"], single_file_config=folders["sd2"])
+    assert os.path.isfile(os.path.join(pipeline.model_dir, "single_file.json"))
+    assert pipeline.scheduler_config["prediction_type"] == "v_prediction"
+    assert pipeline.tokenizer("a red circle").input_ids == \
+        generate.load_pipeline(folders["sd2"]).tokenizer("a red circle").input_ids
+    unet = jax.device_get(pipeline.params["unet"])
+    base = our_params(folders["sd2"])["unet"]
+    for leaf, value in weights.flatten(base).items():
+        assert np.asarray(weights.flatten(unet)[leaf]).tobytes() == value.tobytes()
