@@ -128,9 +128,9 @@ def local_file(reference: str, revision: str | None = None, cache_dir: str | Non
         return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                local_files_only=hub._offline() if local_files_only is None else local_files_only)
     except LocalEntryNotFoundError:
-        raise hub.ModelNotFoundError(f"{where} is not in the local Hugging Face cache and downloads are off "
-                                     f"(HF_HUB_OFFLINE=1): download it once with network, or pass a local file") \
-            from None
+        raise hub.ModelNotFoundError(f"{reference} is no local file, and as a Hub file ({where}) it is not in the "
+                                     f"local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): download it "
+                                     f"once with network, or pass a local file") from None
     except RepositoryNotFoundError:
         raise hub.ModelNotFoundError(f"Hub repo {repo_id} not found (or private: log in with `hf auth login`)") \
             from None
@@ -505,9 +505,10 @@ def to_diffusers_folder(reference: str, config: str | None = None, revision: str
     target = os.path.join(cache_root(), _cache_key(path, configs_dir))
     if os.path.isfile(os.path.join(target, "single_file.json")):
         return target
+    import tempfile
+
     os.makedirs(cache_root(), exist_ok=True)
-    staging = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=cache_root())  # unique across hosts
     try:
         convert(path, header, layout, configs_dir, staging, reference)
         if os.path.isdir(target):  # a conversion that stopped before its last file
@@ -589,7 +590,7 @@ def convert(path: str, header: dict, layout: Layout, configs_dir: str, folder: s
     for entry in table:
         components.setdefault(entry.component, {}).update(entry.from_original(tensors.pop(entry.original)))
     del tensors
-    os.makedirs(folder)
+    os.makedirs(folder, exist_ok=True)
     for name in ("model_index.json", "README.md"):
         if os.path.isfile(os.path.join(configs_dir, name)):
             shutil.copy(os.path.join(configs_dir, name), folder)
