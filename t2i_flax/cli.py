@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
       help="UNet linear layers to adapt, PyTorch module names, comma-separated.")
     a("--lora_merge", action="store_true", help="Also export the full pipeline with the adapters merged.")
+    a("--lora_format", type=str, default="peft",
+      help="peft (diffusers' keys, default) | kohya (lora_unet_* keys: ComfyUI, A1111, Forge): the LoRA file's keys.")
     a("--export_single_file", action="store_true",
       help="Also write <output_dir>/<name>.safetensors: the pipeline as one file in the original SD layout "
            "(ComfyUI, A1111, Forge).")

@@ -126,7 +126,8 @@ def push_to_hub(output_dir: str, repo_id: str | None, token: str | None) -> str:
     return repo_id
 
 
-def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = True) -> str:
+def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = True,
+                      lora_format: str | None = None) -> str:
     """Writes the diffusers folder of any checkpoint, as the end of training would have. The frozen VAE and
     text encoder come from the base model the run trained from (at the Hub commit it resolved to).
     Returns what was exported ("EMA" or "raw")."""
@@ -151,6 +152,10 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
                               f"{', '.join(map(str, checkpoints.steps())) or 'none'})")
     record = checkpoints.read_run_record(step)["run"]
     config = RunConfig.from_dict(record["config"])
+    if lora_format is not None:  # the LoRA file's keys, chosen again for an existing run
+        if not config.lora.enabled:
+            raise CheckpointError(f"--lora_format: {checkpoint_path} is a full fine-tuning run, not LoRA")
+        config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, lora_format=lora_format))
     revision = record["resolved"].get("model_commit") or config.model.revision
     model_dir = hub.resolve_model_dir(config.model.pretrained_model_name_or_path, revision=revision,
                                       variant=config.model.variant, cache_dir=config.model.cache_dir,
@@ -192,12 +197,18 @@ def main(argv=None) -> int:
                         help="also write <output_dir>/<name>.safetensors in the original SD layout")
     parser.add_argument("--export_dtype", default=None, help="the single file's dtype: float16 (default), "
                                                              "bfloat16, float32")
+    parser.add_argument("--lora_format", default=None, help="a LoRA run's file: peft or kohya keys (default: the "
+                                                            "run's --lora_format)")
     args = parser.parse_args(argv)
     try:
         if os.path.isfile(args.output_dir):
             raise errors.FlagError(f"--output_dir {args.output_dir} is a file, not a folder")
         if args.export_dtype is not None and not args.single_file:
             raise errors.FlagError("--export_dtype needs --single_file")
+        if args.lora_format not in (None, "peft", "kohya"):
+            raise errors.FlagError(f"--lora_format {args.lora_format!r} is not one of: peft, kohya")
+        if args.lora_format is not None and args.checkpoint is None:
+            raise errors.FlagError("--lora_format needs --checkpoint (a LoRA run's step folder)")
         if args.pipeline is not None and not args.single_file:
             raise errors.FlagError("--pipeline needs --single_file (the folder is a diffusers pipeline already)")
         if args.pipeline is not None and not os.path.isdir(args.pipeline):
@@ -210,7 +221,8 @@ def main(argv=None) -> int:
         lines = []
         if args.checkpoint is not None:
             checkpoint.setup_process()
-            what = export_checkpoint(args.checkpoint, args.output_dir, use_ema=not args.no_ema)
+            what = export_checkpoint(args.checkpoint, args.output_dir, use_ema=not args.no_ema,
+                                     lora_format=args.lora_format)
             lines.append(f"exported the {what} weights of {args.checkpoint} to {os.path.abspath(args.output_dir)}")
         if args.single_file:
             lines.append(write_single_file(args.output_dir, args.export_dtype, args.pipeline))
