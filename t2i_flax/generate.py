@@ -5,7 +5,7 @@ or a Hub repo id.
         --num_images 4 --steps 25 --scheduler dpm++2m --out images/
 
 Writes image_000.png, image_001.png, ... and grid.png to --out; the same seed gives the same files.
-`--lora DIR [--lora_scale S]` applies a LoRA (pytorch_lora_weights.safetensors: ours, or a diffusers/PEFT
+`--lora DIR [--lora_scale S]` applies a LoRA (pytorch_lora_weights.safetensors: ours, or a diffusers/PEFT/kohya
 file trained elsewhere) beside the UNet's linear layers, at the file's alpha / rank times S.
 Bad input is one line on stderr and exit code 2, before anything is written.
 
@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scheduler", default=None, help="ddim | pndm | euler | dpm++2m; default: the model's scheduler config.")
     a("--out", required=True, help="Folder for image_000.png ... and grid.png.")
     a("--mixed_precision", default="no", help="no | bf16 (compute dtype; parameters stay float32).")
-    a("--lora", default=None, help="A LoRA to apply: pytorch_lora_weights.safetensors or its folder (PEFT or "
-                                   "diffusers keys, as diffusers' load_lora_weights reads).")
+    a("--lora", default=None, help="A LoRA to apply: pytorch_lora_weights.safetensors or its folder (PEFT, "
+                                   "diffusers or kohya keys, as diffusers' load_lora_weights reads).")
     a("--lora_scale", type=float, default=1.0, help="Multiplies the LoRA's own scale (alpha / rank), as "
                                                     "diffusers' cross_attention_kwargs={'scale': S}.")
     a("--cpu_devices", type=int, default=None, help="Simulate N CPU devices.")
