@@ -19,7 +19,6 @@ from typing import Mapping
 
 import numpy as np
 
-from t2i_flax import weights
 from t2i_flax.errors import ModelError, count_of, name_examples
 
 UNET_PREFIX = "lora_unet_"
