@@ -54,13 +54,14 @@ DEFAULT_CONFIGS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": 
 KIND_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL base"}
 # Tensors real files carry that are no weights of the pipeline: the DDPM schedule's buffers, the EMA copy of
 # the UNet (as diffusers, the non-EMA `model.diffusion_model.` weights are read), CLIP's position ids, OpenCLIP's
-# logit scale and attention mask, SD 2.x's unused text projection, sgm's sigma buffers.
+# logit scale and attention mask, SD 2.x's unused text projection, sgm's sigma buffers, the VAE's training loss
+# (LPIPS, discriminator) that some files kept.
 KNOWN_EXTRAS = re.compile(
     r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights)$"
     r"|^model_ema\.|\.position_ids$|\.logit_scale$|\.attn_mask$|^cond_stage_model\.model\.text_projection$"
-    r"|^denoiser\.(sigmas|log_sigmas)$")
+    r"|^denoiser\.(sigmas|log_sigmas)$|^first_stage_model\.loss\.")
 COMPONENT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 CONVERSION_VERSION = 1  # part of the cache key: a change of the mapping converts again
 
@@ -79,7 +80,7 @@ def is_single_file(reference: str | None) -> bool:
 
 def check_reference(reference: str) -> None:
     """ModelError (one line) for a pickle checkpoint."""
-    if reference.lower().endswith(PICKLE_SUFFIXES):
+    if reference.lower().endswith(PICKLE_SUFFIXES) and not os.path.isdir(reference):
         raise SingleFileError(
             f"{reference} is a PyTorch pickle checkpoint: t2i_flax never loads pickles (loading one can run code); "
             f"use the model's .safetensors file")
