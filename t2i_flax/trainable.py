@@ -105,7 +105,8 @@ class LoraAdapters:
                                      self.settings.lora_format, writer.unet.abstract_params(),
                                      sdxl=bool(family is not None and family.size_conditioning))
         if not self.settings.lora_merge:
-            return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}, {self.settings.lora_format} keys)"
+            keys = ", kohya keys" if self.settings.lora_format == "kohya" else ""
+            return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}{keys})"
         writer.write_pipeline(jax.device_get(lora.merge_lora(writer.base_unet_params(), trained, self.scale)))
         return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}) and the pipeline with them merged"
 
