@@ -20,8 +20,9 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 POLYNOMIAL_END_LR = 1e-7
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 SECRET_FIELDS = ("hub_token",)
-# Compared as real paths on resume when they name existing local folders.
-PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir")
+# Compared as real paths on resume when they name existing local folders (or single files).
+PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir",
+               "single_file_config")
 
 
 def _positive(group, *names):
@@ -359,7 +360,7 @@ class RunConfig:
 def _same_setting(name: str, before, now) -> bool:
     if before == now:
         return True
-    if name in PATH_FIELDS and isinstance(before, str) and isinstance(now, str) and os.path.isdir(now):
+    if name in PATH_FIELDS and isinstance(before, str) and isinstance(now, str) and os.path.exists(now):
         return os.path.realpath(before) == os.path.realpath(now)
     return False
 

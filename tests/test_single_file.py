@@ -375,3 +375,20 @@ def test_generate_loads_a_single_file_with_its_configs(folders, files):
     base = our_params(folders["sd2"])["unet"]
     for leaf, value in weights.flatten(base).items():
         assert np.asarray(weights.flatten(unet)[leaf]).tobytes() == value.tobytes()
+
+
+def test_resume_compares_a_single_file_by_its_real_path(files, folders, tmp_path, monkeypatch):
+    """A run resumed with the same file named another way (relative, or through a link) is the same run."""
+    from t2i_flax.cli import parse_config
+
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(files["sd1"])
+
+    def config(model, single_file_config):
+        return parse_config(["--pretrained_model_name_or_path", model, "--single_file_config", single_file_config,
+                             "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+
+    saved = config(files["sd1"], folders["sd1"]).to_dict()
+    monkeypatch.chdir(os.path.dirname(folders["sd1"]))
+    assert config(str(link), os.path.basename(folders["sd1"])).resume_differences(saved) == []
+    assert config(files["sd2"], folders["sd1"]).resume_differences(saved) != []
