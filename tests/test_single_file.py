@@ -392,3 +392,25 @@ def test_resume_compares_a_single_file_by_its_real_path(files, folders, tmp_path
     monkeypatch.chdir(os.path.dirname(folders["sd1"]))
     assert config(str(link), os.path.basename(folders["sd1"])).resume_differences(saved) == []
     assert config(files["sd2"], folders["sd1"]).resume_differences(saved) != []
+
+
+def test_a_hub_files_kind_from_its_header_alone(files, monkeypatch):
+    """What aot reads of a Hub file it has not downloaded: the header, through huggingface_hub's range request."""
+    import huggingface_hub
+
+    header = single_file.read_header(files["sdxl"])
+    calls = []
+
+    class Info:
+        def __init__(self, dtype, shape):
+            self.dtype, self.shape = dtype, list(shape)
+
+    def parse(self, repo_id, filename, revision=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        return type("Metadata", (), {"tensors": {k: Info(*v) for k, v in header.items()}})()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", parse)
+    found = single_file._hub_header("someone/models/sub/xl.safetensors", "v2")
+    assert calls == [("someone/models", "sub/xl.safetensors", "v2")] and found == header
+    assert single_file.detect_layout(found, "xl").kind == "sdxl"
