@@ -97,8 +97,8 @@ def write_torch_sdxl_pipeline(folder: str, prediction_type: str = "epsilon", see
 
 
 def write_torch_sd2_pipeline(folder: str, seed: int = 0) -> str:
-    """A tiny SD 2.x-shaped pipeline made with the PyTorch classes: linear projections in the transformers and a
-    head size per block (as SD 2.x's UNet), a text encoder with the exact GELU (OpenCLIP's, where SD 1.x's OpenAI
+    """A tiny SD 2.x-shaped pipeline made with the PyTorch classes: linear projections in the transformers, a
+    head count per block and SD's block pattern with 2 layers per block (as SD 2.x's UNet), a text encoder with the exact GELU (OpenCLIP's, where SD 1.x's OpenAI
     CLIP has quick_gelu), a v-prediction DDIM scheduler as stable-diffusion-2-1's; every norm scale/shift and bias
     perturbed."""
     import json
@@ -111,11 +111,11 @@ def write_torch_sd2_pipeline(folder: str, seed: int = 0) -> str:
 
     vocab_size = tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"))
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-        attention_head_dim=(2, 4), use_linear_projection=True)
+    unet = UNet2DConditionModel(  # SD 1.5/2.x's block pattern and 2 layers per block, at a tiny width
+        sample_size=16, block_out_channels=(32, 32, 64), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+        attention_head_dim=(2, 2, 4), use_linear_projection=True)
     vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         sample_size=32)
