@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a Stable Diffusion (1.x/2.x or XL) model on captioned images with JAX/Flax.")
     a = p.add_argument
     a("--pretrained_model_name_or_path", type=str, required=True,
-      help="Hub repo id or local diffusers pipeline folder.")
+      help="Hub repo id or local diffusers pipeline folder, or one single-file checkpoint (file.safetensors, or "
+           "owner/repo/file.safetensors on the Hub) in the original SD layout.")
+    a("--single_file_config", type=str, default=None,
+      help="For a single-file checkpoint: the diffusers folder or Hub id whose configs, tokenizers and scheduler "
+           "go with it (default: the official SD 1.5 / SD 2.1 / SDXL base repo, configs only).")
     a("--revision", type=str, default=None, help="Hub revision (branch, tag or commit).")
     a("--variant", type=str, default=None, help="Weight file variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).")
     a("--from_pt", action="store_true", help="Accepted for compatibility; t2i_flax always reads safetensors directly.")
@@ -131,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora_target_modules", type=str, default="to_q,to_k,to_v,to_out.0",
       help="UNet linear layers to adapt, PyTorch module names, comma-separated.")
     a("--lora_merge", action="store_true", help="Also export the full pipeline with the adapters merged.")
+    a("--lora_format", type=str, default="peft",
+      help="peft (diffusers' keys, default) | kohya (lora_unet_* keys: ComfyUI, A1111, Forge): the LoRA file's keys.")
+    a("--export_single_file", action="store_true",
+      help="Also write <output_dir>/<name>.safetensors: the pipeline as one file in the original SD layout "
+           "(ComfyUI, A1111, Forge).")
+    a("--export_dtype", type=str, default=None, help="float16 (default) | bfloat16 | float32: the single file's dtype.")
     a("--push_to_hub", action="store_true")
     a("--hub_token", type=str, default=None)
     a("--hub_model_id", type=str, default=None)

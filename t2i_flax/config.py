@@ -27,8 +27,9 @@ DEFAULT_INTERPOLATION = "lanczos"
 # before --image_interpolation_mode resized with bilinear.
 BEFORE_THE_FLAG = {"image_interpolation_mode": "bilinear"}
 SECRET_FIELDS = ("hub_token",)
-# Compared as real paths on resume when they name existing local folders.
-PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir")
+# Compared as real paths on resume when they name existing local folders (or single files).
+PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir",
+               "single_file_config")
 
 
 def _positive(group, *names):
@@ -63,6 +64,7 @@ class ModelConfig:
     prediction_type: str | None = None      # None: the model's scheduler config
     attention: str | None = None            # dot_product_attention implementation
     pretrained_vae_model_name_or_path: str | None = None  # a VAE (folder or Hub id) replacing the pipeline's
+    single_file_config: str | None = None   # a single-file base model's configs/tokenizers (folder or Hub id)
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"from_pt", "cache_dir", "attention"})
 
     def __post_init__(self):
@@ -74,6 +76,12 @@ class ModelConfig:
         _one_of("attention", self.attention, (None, "xla", "cudnn"))
         if self.attention == "cudnn" and self.mixed_precision != "bf16":
             raise FlagError("--attention cudnn needs --mixed_precision bf16 (cuDNN flash attention has no float32)")
+        from t2i_flax import single_file
+
+        if self.single_file_config is not None and not single_file.is_single_file(self.pretrained_model_name_or_path):
+            raise FlagError("--single_file_config needs a single-file checkpoint (a .safetensors file) as "
+                            "--pretrained_model_name_or_path")
+        single_file.check_reference(self.pretrained_model_name_or_path)
 
 
 def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
@@ -222,11 +230,16 @@ class OutputConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None            # never saved or printed
+    export_single_file: bool = False        # also <output_dir>/<name>.safetensors in the original SD layout
+    export_dtype: str | None = None         # its dtype: float16 (None), bfloat16, float32
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"output_dir", "logging_dir", "report_to", "log_every", "push_to_hub",
-                                                 "hub_model_id", "hub_token"})
+                                                 "hub_model_id", "hub_token", "export_single_file", "export_dtype"})
 
     def __post_init__(self):
         _positive(self, "log_every")
+        _one_of("export_dtype", self.export_dtype, (None, "float16", "bfloat16", "float32"))
+        if self.export_dtype is not None and not self.export_single_file:
+            raise FlagError("--export_dtype needs --export_single_file (the diffusers folder is float32)")
         _one_of("report_to", self.report_to, REPORT_TO)
         if self.report_to in ("wandb", "all") and self.hub_token is not None:
             raise FlagError("--hub_token with --report_to wandb would expose the token in the run's config; "
@@ -271,13 +284,16 @@ class LoraConfig:
     lora_alpha: float | None = None         # default: the rank (scale 1)
     lora_target_modules: str = LORA_TARGETS  # PyTorch module names, comma-separated
     lora_merge: bool = False                # also export the full pipeline with the adapters merged
-    MAY_CHANGE: ClassVar[frozenset] = frozenset({"lora_merge"})
+    lora_format: str = "peft"               # the LoRA file's keys: peft (diffusers) | kohya (ComfyUI, A1111, Forge)
+    MAY_CHANGE: ClassVar[frozenset] = frozenset({"lora_merge", "lora_format"})
 
     def __post_init__(self):
+        _one_of("lora_format", self.lora_format, ("peft", "kohya"))
         if self.lora_rank is not None:
             _positive(self, "lora_rank", "lora_alpha")
-        elif self.lora_alpha is not None or self.lora_merge or self.lora_target_modules != LORA_TARGETS:
-            raise FlagError("--lora_alpha, --lora_target_modules and --lora_merge need --lora_rank "
+        elif self.lora_alpha is not None or self.lora_merge or self.lora_target_modules != LORA_TARGETS \
+                or self.lora_format != "peft":
+            raise FlagError("--lora_alpha, --lora_target_modules, --lora_merge and --lora_format need --lora_rank "
                             "(which turns LoRA on)")
 
     @property
@@ -361,6 +377,11 @@ class RunConfig:
     lora: LoraConfig
     devices: DeviceConfig
 
+    def __post_init__(self):
+        if self.output.export_single_file and self.lora.enabled and not self.lora.lora_merge:
+            raise FlagError("--export_single_file with --lora_rank needs --lora_merge: a single file holds a whole "
+                            "pipeline, the adapters merged")
+
     @classmethod
     def from_flags(cls, flags: dict[str, Any]) -> "RunConfig":
         """From a flat {flag name: value} mapping (argparse's namespace); unknown names are ignored."""
@@ -409,7 +430,7 @@ class RunConfig:
 def _same_setting(name: str, before, now) -> bool:
     if before == now:
         return True
-    if name in PATH_FIELDS and isinstance(before, str) and isinstance(now, str) and os.path.isdir(now):
+    if name in PATH_FIELDS and isinstance(before, str) and isinstance(now, str) and os.path.exists(now):
         return os.path.realpath(before) == os.path.realpath(now)
     return False
 

@@ -4,7 +4,12 @@ the base model's own scheduler (class and config, as the PyTorch scripts keep it
 trained for. What is written with it (a LoRA file, a merged pipeline) is decided by what was trained
 (t2i_flax/trainable.py, through `PipelineWriter`).
 
-    python -m t2i_flax.export --checkpoint <output_dir>/checkpoints/<step> --output_dir DIR [--no_ema]"""
+    python -m t2i_flax.export --checkpoint <output_dir>/checkpoints/<step> --output_dir DIR [--no_ema]
+        [--single_file [--export_dtype float16|bfloat16|float32]]
+    python -m t2i_flax.export --pipeline DIFFUSERS_FOLDER --output_dir DIR --single_file   # an existing folder
+
+`--single_file` (the trainer's --export_single_file) also writes <output_dir>/<name>.safetensors, the pipeline
+in the original Stable Diffusion layout (t2i_flax/single_file.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -90,20 +95,39 @@ class PipelineWriter:
         return FlaxUNet2DConditionModel.from_pretrained(self.model_dir, subfolder="unet", variant=self.variant)[1]
 
 
+def write_single_file(output_dir: str, dtype: str | None = None, pipeline_dir: str | None = None) -> str:
+    """Writes <output_dir>/<name>.safetensors from the pipeline folder (default: the one exported to output_dir);
+    returns a line saying what was written."""
+    from t2i_flax import single_file
+
+    folder = pipeline_dir or output_dir
+    if not os.path.isfile(os.path.join(folder, "unet", "config.json")):
+        raise CheckpointError(f"{folder} holds no diffusers pipeline to write as a single file (a LoRA run exports "
+                              f"one with --lora_merge)")
+    path = single_file.single_file_path(output_dir)
+    written = single_file.write_single_file(folder, path, dtype or "float16")
+    return (f"wrote the single-file checkpoint {os.path.abspath(path)} ({single_file.KIND_NAMES[written['kind']]} "
+            f"layout, {dtype or 'float16'}, {written['tensors']} tensors, {written['bytes'] / 2 ** 20:.1f} MiB)")
+
+
 def push_to_hub(output_dir: str, repo_id: str | None, token: str | None) -> str:
     """Uploads the pipeline folder (not the logs). The token is passed through, never printed or saved."""
     from huggingface_hub import create_repo, upload_folder
+
+    from t2i_flax.single_file import single_file_path
 
     repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
     repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
     upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message="t2i_flax fine-tune",
                   allow_patterns=["model_index.json", "unet/*", "vae/*", "text_encoder/*", "tokenizer/*",
                                   "text_encoder_2/*", "tokenizer_2/*", "scheduler/*", "README.md", "validation.png",
-                                  "pytorch_lora_weights.safetensors"])
+                                  "pytorch_lora_weights.safetensors",
+                                  os.path.basename(single_file_path(output_dir))])
     return repo_id
 
 
-def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = True) -> str:
+def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = True,
+                      lora_format: str | None = None) -> str:
     """Writes the diffusers folder of any checkpoint, as the end of training would have. The frozen VAE and
     text encoder come from the base model the run trained from (at the Hub commit it resolved to).
     Returns what was exported ("EMA" or "raw")."""
@@ -128,9 +152,14 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
                               f"{', '.join(map(str, checkpoints.steps())) or 'none'})")
     record = checkpoints.read_run_record(step)["run"]
     config = RunConfig.from_dict(record["config"])
+    if lora_format is not None:  # the LoRA file's keys, chosen again for an existing run
+        if not config.lora.enabled:
+            raise CheckpointError(f"--lora_format: {checkpoint_path} is a full fine-tuning run, not LoRA")
+        config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, lora_format=lora_format))
     revision = record["resolved"].get("model_commit") or config.model.revision
     model_dir = hub.resolve_model_dir(config.model.pretrained_model_name_or_path, revision=revision,
-                                      variant=config.model.variant, cache_dir=config.model.cache_dir)
+                                      variant=config.model.variant, cache_dir=config.model.cache_dir,
+                                      single_file_config=config.model.single_file_config)
     unet, _ = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant=config.model.variant,
                                                        load_weights=False)
     item = checkpoint.ITEM_EMA if use_ema and config.train.use_ema else checkpoint.ITEM_PARAMS
@@ -148,26 +177,59 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
 
 
 def main(argv=None) -> int:
-    """python -m t2i_flax.export --checkpoint <output_dir>/checkpoints/<step> --output_dir DIR [--no_ema]"""
+    """python -m t2i_flax.export --checkpoint <output_dir>/checkpoints/<step> --output_dir DIR [--no_ema]
+    [--single_file [--export_dtype D]]; or --pipeline FOLDER --output_dir DIR --single_file"""
     import argparse
     import sys
 
     from t2i_flax import checkpoint, errors
 
     parser = argparse.ArgumentParser(prog="python -m t2i_flax.export",
-                                     description="Write the diffusers pipeline folder of a training checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="a step folder: <output_dir>/checkpoints/<step>")
+                                     description="Write the diffusers pipeline folder of a training checkpoint, "
+                                                 "and/or the pipeline as one single-file checkpoint.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a step folder: <output_dir>/checkpoints/<step>")
+    source.add_argument("--pipeline", help="an existing diffusers pipeline folder to write as a single file "
+                                           "(with --single_file)")
     parser.add_argument("--output_dir", required=True, help="where the diffusers pipeline goes")
     parser.add_argument("--no_ema", action="store_true", help="export the raw weights, not their EMA")
+    parser.add_argument("--single_file", action="store_true",
+                        help="also write <output_dir>/<name>.safetensors in the original SD layout")
+    parser.add_argument("--export_dtype", default=None, help="the single file's dtype: float16 (default), "
+                                                             "bfloat16, float32")
+    parser.add_argument("--lora_format", default=None, help="a LoRA run's file: peft or kohya keys (default: the "
+                                                            "run's --lora_format)")
     args = parser.parse_args(argv)
     try:
         if os.path.isfile(args.output_dir):
             raise errors.FlagError(f"--output_dir {args.output_dir} is a file, not a folder")
-        checkpoint.setup_process()
-        what = export_checkpoint(args.checkpoint, args.output_dir, use_ema=not args.no_ema)
+        if args.export_dtype is not None and not args.single_file:
+            raise errors.FlagError("--export_dtype needs --single_file")
+        if args.lora_format not in (None, "peft", "kohya"):
+            raise errors.FlagError(f"--lora_format {args.lora_format!r} is not one of: peft, kohya")
+        if args.lora_format is not None and args.checkpoint is None:
+            raise errors.FlagError("--lora_format needs --checkpoint (a LoRA run's step folder)")
+        if args.pipeline is not None and not args.single_file:
+            raise errors.FlagError("--pipeline needs --single_file (the folder is a diffusers pipeline already)")
+        if args.pipeline is not None and not os.path.isdir(args.pipeline):
+            raise errors.FlagError(f"--pipeline {args.pipeline} is not a folder")
+        if args.single_file:
+            from t2i_flax.single_file import EXPORT_DTYPES
+
+            if (args.export_dtype or "float16") not in EXPORT_DTYPES:
+                raise errors.FlagError(f"--export_dtype {args.export_dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
+        lines = []
+        if args.checkpoint is not None:
+            checkpoint.setup_process()
+            what = export_checkpoint(args.checkpoint, args.output_dir, use_ema=not args.no_ema,
+                                     lora_format=args.lora_format)
+            lines.append(f"exported the {what} weights of {args.checkpoint} to {os.path.abspath(args.output_dir)}")
+        if args.single_file:
+            lines.append(write_single_file(args.output_dir, args.export_dtype, args.pipeline))
     except (errors.UserError, errors.TrainingFailed) as error:  # a storage that never answered: exit 1
         return errors.report(error)
-    print(f"exported the {what} weights of {args.checkpoint} to {os.path.abspath(args.output_dir)}", file=sys.stdout)
+    for line in lines:
+        print(line, file=sys.stdout)
     return 0
 
 

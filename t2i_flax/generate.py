@@ -5,7 +5,7 @@ or a Hub repo id.
         --num_images 4 --steps 25 --scheduler dpm++2m --out images/
 
 Writes image_000.png, image_001.png, ... and grid.png to --out; the same seed gives the same files.
-`--lora DIR [--lora_scale S]` applies a LoRA (pytorch_lora_weights.safetensors: ours, or a diffusers/PEFT
+`--lora DIR [--lora_scale S]` applies a LoRA (pytorch_lora_weights.safetensors: ours, or a diffusers/PEFT/kohya
 file trained elsewhere) beside the UNet's linear layers, at the file's alpha / rank times S.
 Bad input is one line on stderr and exit code 2, before anything is written.
 
@@ -63,11 +63,12 @@ class Pipeline:
 
 def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: str | None = None,
                   variant: str | None = None, cache_dir: str | None = None, lora: str | None = None,
-                  lora_scale: float = 1.0) -> Pipeline:
+                  lora_scale: float = 1.0, single_file_config: str | None = None) -> Pipeline:
     """unet, vae, text_encoder, tokenizer and scheduler/scheduler_config.json of a diffusers folder or Hub id.
     `mixed_precision="bf16"`: the models compute in bf16; parameters stay float32 (and the scheduler too).
     `mesh`: default all devices (sharding.make_mesh()). `lora`: a LoRA file or its folder, applied through
-    the sampler's unet_fn at the file's scale (alpha / rank) times `lora_scale`."""
+    the sampler's unet_fn at the file's scale (alpha / rank) times `lora_scale`. `model` may be a single-file
+    checkpoint (t2i_flax/single_file.py) with its configs from `single_file_config`."""
     import jax.numpy as jnp
 
     from t2i_flax import lora as lora_adapters
@@ -81,7 +82,8 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
         raise errors.FlagError(f"--mixed_precision {mixed_precision!r} is not one of: {', '.join(MIXED_PRECISION)}")
     check_lora_scale(lora, lora_scale)
     dtype = jnp.bfloat16 if mixed_precision == "bf16" else jnp.float32
-    model_dir = hub.resolve_model_dir(model, revision=revision, variant=variant, cache_dir=cache_dir)
+    model_dir = hub.resolve_model_dir(model, revision=revision, variant=variant, cache_dir=cache_dir,
+                                      single_file_config=single_file_config)
     scheduler_config = noise.read_scheduler_config(model_dir)
     family = detect(model_dir)
     tokenizers = family.tokenizers(model_dir)
@@ -194,7 +196,11 @@ def write_images(images: np.ndarray, out_dir: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m t2i_flax.generate", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--model", required=True, help="Local diffusers pipeline folder or Hub repo id.")
+    a("--model", required=True, help="Local diffusers pipeline folder or Hub repo id, or one single-file "
+                                     "checkpoint (file.safetensors, or owner/repo/file.safetensors on the Hub).")
+    a("--single_file_config", default=None, help="For a single-file --model: the diffusers folder or Hub id whose "
+                                                 "configs, tokenizers and scheduler go with it (default: the "
+                                                 "official repo of its kind).")
     a("--prompt", required=True)
     a("--negative_prompt", default=None, help='Default: "" (the unconditional prompt).')
     a("--num_images", type=int, default=1)
@@ -206,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scheduler", default=None, help="ddim | pndm | euler | dpm++2m; default: the model's scheduler config.")
     a("--out", required=True, help="Folder for image_000.png ... and grid.png.")
     a("--mixed_precision", default="no", help="no | bf16 (compute dtype; parameters stay float32).")
-    a("--lora", default=None, help="A LoRA to apply: pytorch_lora_weights.safetensors or its folder (PEFT or "
-                                   "diffusers keys, as diffusers' load_lora_weights reads).")
+    a("--lora", default=None, help="A LoRA to apply: pytorch_lora_weights.safetensors or its folder (PEFT, "
+                                   "diffusers or kohya keys, as diffusers' load_lora_weights reads).")
     a("--lora_scale", type=float, default=1.0, help="Multiplies the LoRA's own scale (alpha / rank), as "
                                                     "diffusers' cross_attention_kwargs={'scale': S}.")
     a("--cpu_devices", type=int, default=None, help="Simulate N CPU devices.")
@@ -226,6 +232,11 @@ def check_args(args) -> None:
         raise errors.FlagError(f"--mixed_precision {args.mixed_precision!r} is not one of: "
                                f"{', '.join(MIXED_PRECISION)}")
     check_lora_scale(args.lora, args.lora_scale)
+    from t2i_flax import single_file
+
+    single_file.check_reference(args.model)
+    if args.single_file_config is not None and not single_file.is_single_file(args.model):
+        raise errors.FlagError("--single_file_config needs a single-file checkpoint (a .safetensors file) as --model")
     if os.path.isfile(args.out):
         raise errors.OutputError(f"--out {args.out} is a file, not a folder")
 
@@ -245,7 +256,7 @@ def run(args) -> list[str]:
           flush=True)
     print(f"generate: loading {args.model}", flush=True)
     pipeline = load_pipeline(args.model, args.mixed_precision, sharding.make_mesh(devices=devices[:used]),
-                             lora=args.lora, lora_scale=args.lora_scale)
+                             lora=args.lora, lora_scale=args.lora_scale, single_file_config=args.single_file_config)
     if pipeline.lora is not None:
         info = pipeline.lora
         print(f"generate: LoRA {info.path}: {info.modules} adapted layers, rank {info.rank}, scale "

@@ -1,5 +1,7 @@
 """Model references -> local folders: a local diffusers folder, or a Hub repo id downloaded with
-huggingface_hub (revision, variant, cache_dir; HF_HUB_OFFLINE=1 uses the cache only)."""
+huggingface_hub (revision, variant, cache_dir; HF_HUB_OFFLINE=1 uses the cache only), or one single-file
+checkpoint (`file.safetensors` or `owner/repo/file.safetensors`), converted to a diffusers folder in the cache
+(t2i_flax/single_file.py)."""
 from __future__ import annotations
 
 import os
@@ -42,11 +44,18 @@ def _offline() -> bool:
 
 def resolve_model_dir(name_or_path: str, subfolder: str | None = None, revision: str | None = None,
                       variant: str | None = None, cache_dir: str | None = None,
-                      local_files_only: bool | None = None) -> str:
+                      local_files_only: bool | None = None, single_file_config: str | None = None) -> str:
     """Returns the local folder holding the model (joined with `subfolder` when given).
 
     Downloads only configs, tokenizer files and safetensors weights (falling back to legacy Flax
-    msgpack for components that have no safetensors); never PyTorch pickles."""
+    msgpack for components that have no safetensors); never PyTorch pickles. A single file takes its configs,
+    tokenizers and scheduler from `single_file_config` (default: the official repo of its kind)."""
+    from t2i_flax import single_file
+
+    if single_file.is_single_file(name_or_path):
+        folder = single_file.to_diffusers_folder(name_or_path, single_file_config, revision, cache_dir,
+                                                 local_files_only)
+        return os.path.join(folder, subfolder) if subfolder else folder
     if os.path.isdir(name_or_path):
         folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
         if not os.path.isdir(folder):
@@ -102,9 +111,14 @@ def _download(repo_id, subfolder, revision, variant, cache_dir, local_files_only
 def resolve_config_dir(model_config) -> str:
     """The model folder, or for a Hub repo id a snapshot of its config and tokenizer files only (no weights): what
     compiling without weights (t2i_flax.aot) reads."""
+    from t2i_flax import single_file
+
     name = model_config.pretrained_model_name_or_path
     if os.path.isdir(name):
         return resolve_model_dir(name)
+    if single_file.is_single_file(name):  # the configs that go with it (its kind read from its header)
+        return single_file.config_dir_of(name, getattr(model_config, "single_file_config", None),
+                                         model_config.revision, model_config.cache_dir)
     if name.startswith((".", "/", "~")) or not _REPO_ID.match(name) or name.count("/") > 1:
         raise ModelNotFoundError(f"model folder {name} does not exist (and it is not a Hub repo id)")
     from huggingface_hub import snapshot_download

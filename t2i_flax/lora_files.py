@@ -39,12 +39,20 @@ def lora_state_dict(lora_params: Mapping) -> dict[str, np.ndarray]:
     return tensors
 
 
+LORA_FORMATS = ("peft", "kohya")
+
+
 def save_lora_weights(folder: str, lora_params: Mapping, rank: int, alpha: float | None,
-                      target_modules: Sequence[str] = DEFAULT_TARGET_MODULES) -> str:
+                      target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, lora_format: str = "peft",
+                      unet_abstract_params: Mapping | None = None, sdxl: bool = False) -> str:
     """Writes `<folder>/pytorch_lora_weights.safetensors` (returns its path): PEFT keys, and the
     `lora_adapter_metadata` header entry (unet.r, unet.lora_alpha, unet.target_modules) that makes diffusers'
-    `load_lora_weights` use scale alpha / rank. `alpha` None: the rank. Host (fully addressable) arrays."""
+    `load_lora_weights` use scale alpha / rank. `alpha` None: the rank. Host (fully addressable) arrays.
+    `lora_format="kohya"`: kohya-ss keys instead (t2i_flax/kohya.py; needs the UNet's `unet_abstract_params`,
+    and `sdxl` for SDXL's original module names), with kohya's `ss_network_*` metadata."""
     from safetensors.numpy import save_file
+
+    from t2i_flax import kohya
 
     rank = check_rank(rank)
     alpha = float(rank if alpha is None else alpha)
@@ -56,10 +64,17 @@ def save_lora_weights(folder: str, lora_params: Mapping, rank: int, alpha: float
               "target_modules": list(parse_target_modules(target_modules)), "init_lora_weights": "gaussian"}
     metadata = {"format": "pt", METADATA_KEY: json.dumps({f"{UNET_PREFIX}.{key}": value for key, value in
                                                           config.items()}, indent=2, sort_keys=True)}
+    tensors = lora_state_dict(lora_params)
+    if lora_format == "kohya":
+        tensors = kohya.lora_state_dict(lora_params, rank, alpha, unet_abstract_params, sdxl)
+        metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                    "ss_network_alpha": str(config["lora_alpha"])}
+    elif lora_format != "peft":
+        raise ValueError(f"lora_format {lora_format!r} is not one of {LORA_FORMATS}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LORA_WEIGHTS_NAME)
     partial = path + ".partial"
-    save_file(lora_state_dict(lora_params), partial, metadata=metadata)
+    save_file(tensors, partial, metadata=metadata)
     os.replace(partial, path)
     return path
 
@@ -84,7 +99,6 @@ DIFFUSERS_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
 ATTN_PROCS_KEY = re.compile(r"^(?P<attention>.+)\.processor\.(?P<projection>to_q|to_k|to_v|to_out)_lora\."
                             r"(?P<part>down|up)\.weight$")
 ALPHA_KEY = re.compile(r"^(?P<module>.+?)(\.lora)?\.alpha$")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.")
 OTHER_ADAPTERS = (("lora_magnitude_vector", "DoRA magnitude vectors"), ("dora_scale", "DoRA scales"),
                   ("lora_B.bias", "LoRA biases"), ("lokr_", "LoKr factors"), ("hada_", "LoHa factors"))
@@ -141,13 +155,6 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
 
 def _refuse_what_cannot_apply(path: str, keys: Sequence[str]) -> None:
     keys = sorted(keys)
-    kohya = [key for key in keys if key.startswith(KOHYA_PREFIXES)]
-    if kohya:
-        text = sum(key.startswith(KOHYA_PREFIXES[1:]) for key in kohya)
-        example = next((key for key in kohya if key.startswith(KOHYA_PREFIXES[0])), kohya[0])
-        raise ModelError(f"LoRA file {path} is Kohya-style ({len(kohya) - text} lora_unet_ and {text} lora_te_ "
-                         f"tensors, e.g. {example}); t2i_flax reads the PEFT/diffusers keys: load it in diffusers "
-                         f"and save it again with save_lora_weights")
     text_encoder = [key for key in keys if key.startswith(TEXT_ENCODER_PREFIXES)]
     if text_encoder:
         raise ModelError(f"LoRA file {path} holds text-encoder adapters ({count_of(len(text_encoder), 'tensor')}, e.g. "
@@ -242,13 +249,19 @@ def load_lora_weights(path: str, unet_abstract_params: Mapping) -> tuple[dict, L
 
     Reads our files and diffusers-format files others trained: PEFT keys (`unet.<module>.lora_A.weight`,
     scale from `lora_adapter_metadata`), diffusers keys (`unet.<module>.lora.down.weight`/`lora.up.weight`,
-    `<module>.alpha` if present, else alpha = rank) and the older attention-processor keys
-    (`<attention>.processor.to_q_lora.down.weight`). One-line ModelError naming what the file holds when it
-    cannot be applied: Kohya-style keys, text-encoder adapters, convolution adapters, DoRA, modules or shapes
+    `<module>.alpha` if present, else alpha = rank), the older attention-processor keys
+    (`<attention>.processor.to_q_lora.down.weight`) and kohya-ss keys (`lora_unet_<module>.lora_down.weight`,
+    t2i_flax/kohya.py). One-line ModelError naming what the file holds when it cannot be applied: text-encoder
+    adapters, convolution adapters, DoRA, modules or shapes
     this UNet lacks. Keys without the `unet.` prefix are read as the UNet's. When modules have different
     scales (per-module alphas), each is multiplied into its B and info.scale is 1."""
+    from t2i_flax import kohya
+
     file = find_lora_file(path)
     tensors, metadata = _read(file)
+    from_kohya = kohya.is_kohya(tensors)
+    if from_kohya:  # -> diffusers' `<module>.lora.down.weight` / `<module>.alpha` keys, read below
+        tensors, metadata = kohya.to_module_keys(file, tensors, unet_abstract_params), None
     _refuse_what_cannot_apply(file, list(tensors))
     if metadata is not None:
         metadata = {key.removeprefix(UNET_PREFIX + "."): value for key, value in metadata.items()
@@ -296,5 +309,6 @@ def load_lora_weights(path: str, unet_abstract_params: Mapping) -> tuple[dict, L
     targets = [targets] if isinstance(targets, str) else targets  # PEFT allows one regex string
     info = LoraInfo(path=file, scale=1.0 if folded else next(iter(scales.values())), rank=ranks[-1],
                     alpha=None if alpha is None else float(alpha), target_modules=tuple(targets),
-                    key_style="+".join(sorted(styles)), folded=folded, modules=len(pairs))
+                    key_style="kohya" if from_kohya else "+".join(sorted(styles)), folded=folded,
+                    modules=len(pairs))
     return weights.unflatten(params), info

@@ -49,13 +49,18 @@ def write_model_card(output_dir: str, base_model: str, dataset: str, settings: d
                      pipeline_class: str = "StableDiffusionPipeline") -> str:
     """README.md in diffusers' model card style: YAML front matter (base_model, license, tags), what it was
     trained on and how, the last validation grid, how to load it. Returns its path."""
+    from t2i_flax import single_file
+
     tags = [*family_tags, "text-to-image", "diffusers", "t2i_flax", "jax-flax"]
     tags += ["lora"] if lora else []
-    lines = ["---", f"base_model: {base_model}", f"license: {license_name}", "library_name: diffusers",
+    hub_file = single_file.hub_url(base_model)  # a single file of a Hub repo: its repo is the base model
+    card_base = "/".join(base_model.split("/")[:2]) if hub_file else base_model
+    lines = ["---", f"base_model: {card_base}", f"license: {license_name}", "library_name: diffusers",
              "pipeline_tag: text-to-image", "tags:"] + [f"- {tag}" for tag in tags] + ["inference: true", "---", ""]
     name = os.path.basename(os.path.abspath(output_dir))
     kind = "LoRA adapters for" if lora else "a fine-tune of"
-    shown = f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
+    shown = f"`{base_model}`" if os.path.exists(base_model) else \
+        f"[{base_model}]({hub_file or f'https://huggingface.co/{base_model}'})"
     lines += [f"# {name}", "", f"{kind} {shown} on `{dataset}`, trained with t2i_flax (JAX/Flax).", ""]
     if validation_grid is not None:
         shutil.copyfile(validation_grid, os.path.join(output_dir, "validation.png"))
@@ -65,7 +70,8 @@ def write_model_card(output_dir: str, base_model: str, dataset: str, settings: d
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
     lines += ["", "## How to use", "", "```python", "import torch", f"from diffusers import {pipeline_class}", ""]
     if lora:
-        lines += [f'pipeline = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.float16)',
+        load = "from_single_file" if single_file.is_single_file(base_model) else "from_pretrained"
+        lines += [f'pipeline = {pipeline_class}.{load}("{hub_file or base_model}", torch_dtype=torch.float16)',
                   f'pipeline.load_lora_weights("{name}")']
     else:
         lines += [f'pipeline = {pipeline_class}.from_pretrained("{name}", torch_dtype=torch.float16)']

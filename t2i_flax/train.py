@@ -167,6 +167,8 @@ def run(config: RunConfig) -> None:
                                        base.scheduler_config, built.noise_schedule.prediction_type, base.family,
                                        base.vae_dir)
         what = built.trained.export(writer, trained)
+        if output_config.export_single_file:
+            log(export.write_single_file(output_config.output_dir, output_config.export_dtype))
         model_card.write_model_card(output_config.output_dir, config.model.pretrained_model_name_or_path,
                                     config.data.dataset_name or config.data.train_data_dir,
                                     model_card.settings_table(config, plan, built.trained), validated.get(final_step),
@@ -229,7 +231,7 @@ def resolve_model_dir(config: RunConfig, saved_record: dict | None) -> str:
     if saved_record is not None and saved_record["resolved"]["model_commit"]:
         revision = saved_record["resolved"]["model_commit"]
     return hub.resolve_model_dir(model.pretrained_model_name_or_path, revision=revision, variant=model.variant,
-                                 cache_dir=model.cache_dir)
+                                 cache_dir=model.cache_dir, single_file_config=model.single_file_config)
 
 
 def model_commit(model_dir: str) -> str | None:

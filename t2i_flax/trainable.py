@@ -98,10 +98,15 @@ class LoraAdapters:
                         f"targets {settings.lora_target_modules}"}
 
     def export(self, writer, trained) -> str:
-        """The adapters' file; with --lora_merge also the pipeline with them merged into the float32 UNet."""
-        lora_files.save_lora_weights(writer.output_dir, trained, self.rank, self.settings.lora_alpha, self.targets)
+        """The adapters' file (PEFT or, --lora_format kohya, kohya keys); with --lora_merge also the pipeline with
+        them merged into the float32 UNet."""
+        family = writer.family
+        lora_files.save_lora_weights(writer.output_dir, trained, self.rank, self.settings.lora_alpha, self.targets,
+                                     self.settings.lora_format, writer.unet.abstract_params(),
+                                     sdxl=bool(family is not None and family.size_conditioning))
         if not self.settings.lora_merge:
-            return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME})"
+            keys = ", kohya keys" if self.settings.lora_format == "kohya" else ""
+            return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}{keys})"
         writer.write_pipeline(jax.device_get(lora.merge_lora(writer.base_unet_params(), trained, self.scale)))
         return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}) and the pipeline with them merged"
 

@@ -11,6 +11,11 @@ if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
     import tempfile
 
     os.environ["T2I_FLAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_jax_cache_")
+# Single-file checkpoints are converted into a folder of this session too (t2i_flax/single_file.py).
+if "T2I_FLAX_SINGLE_FILE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["T2I_FLAX_SINGLE_FILE_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_single_file_")
 
 
 import pytest  # noqa: E402
@@ -35,7 +40,9 @@ FILE_SECONDS = {"test_demo.py": 180, "test_train.py": 330, "test_checkpoint.py":
                 "test_aot.py": 160, "test_latent_cache.py": 120, "test_multihost.py": 180, "test_checkpoint_gcs.py": 100,
                 "test_train_lora.py": 100, "test_sdxl.py": 150, "test_step_vs_torch.py": 105, "test_sample.py": 60,
                 "test_cli.py": 40, "test_lora.py": 40, "test_data.py": 35, "test_generate.py": 35, "test_unet.py": 35,
-                "test_clip.py": 30, "test_setup.py": 30}
+                "test_clip.py": 30, "test_setup.py": 30,
+                "test_single_file.py": 20, "test_single_file_train.py": 70,
+                "test_kohya.py": 20}
 
 
 SLOW_FILE_SECONDS = 60  # files that take at least this long are marked slow: `make test-fast` leaves them out
@@ -103,6 +110,14 @@ def torch_sdxl_pipeline_dir(tmp_path_factory):
     from oracle import write_torch_sdxl_pipeline
 
     return write_torch_sdxl_pipeline(str(tmp_path_factory.mktemp("torch-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def torch_sd2_pipeline_dir(tmp_path_factory):
+    """A tiny SD 2.x pipeline made with the PyTorch classes (tests/oracle.py)."""
+    from oracle import write_torch_sd2_pipeline
+
+    return write_torch_sd2_pipeline(str(tmp_path_factory.mktemp("torch-sd2")))
 
 
 # (width, height) of the images of `sized_dataset_dir`: landscape, portrait and square, some needing no resize

@@ -94,3 +94,41 @@ def write_torch_sdxl_pipeline(folder: str, prediction_type: str = "epsilon", see
     with open(os.path.join(folder, "model_index.json"), "w") as handle:
         json.dump(family.STABLE_DIFFUSION_XL.model_index(), handle, indent=2)
     return folder
+
+
+def write_torch_sd2_pipeline(folder: str, seed: int = 0) -> str:
+    """A tiny SD 2.x-shaped pipeline made with the PyTorch classes: linear projections in the transformers, a
+    head count per block and SD's block pattern with 2 layers per block (as SD 2.x's UNet), a text encoder with the exact GELU (OpenCLIP's, where SD 1.x's OpenAI
+    CLIP has quick_gelu), a v-prediction DDIM scheduler as stable-diffusion-2-1's; every norm scale/shift and bias
+    perturbed."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from t2i_flax import export, tokenizer
+
+    vocab_size = tokenizer.write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # SD 1.5/2.x's block pattern and 2 layers per block, at a tiny width
+        sample_size=16, block_out_channels=(32, 32, 64), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+        attention_head_dim=(2, 2, 4), use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3, max_position_embeddings=77,
+        hidden_act="gelu", vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1))
+    for index, (name, model) in enumerate((("unet", unet), ("vae", vae), ("text_encoder", text_encoder))):
+        randomize_(model, seed=seed + 20 + index)
+        model.save_pretrained(os.path.join(folder, name))
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction").save_pretrained(
+        os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as handle:
+        json.dump(dict(export.model_index(), scheduler=["diffusers", "DDIMScheduler"]), handle, indent=2)
+    return folder

@@ -144,9 +144,8 @@ def test_bad_lora_is_one_line_exit_2_nothing_written(model_dir, tmp_path, capsys
         message = f"error: LoRA file {path} is not a safetensors file"
     elif kind == "kohya":
         save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": np.zeros((4, 64), np.float32)}, path)
-        message = (f"error: LoRA file {path} is Kohya-style (1 lora_unet_ and 0 lora_te_ tensors, e.g. lora_unet_mid_"
-                   f"block_attentions_0_proj_in.lora_down.weight); t2i_flax reads the PEFT/diffusers keys: load it in "
-                   f"diffusers and save it again with save_lora_weights")
+        message = (f"error: LoRA file {path} has a down or an up matrix without the other for "
+                   f"mid_block.attentions.0.proj_in")
     elif kind == "missing":
         message = (f"error: LoRA {path} does not exist (give a pytorch_lora_weights.safetensors file or its "
                    f"folder)")

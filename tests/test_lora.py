@@ -376,9 +376,8 @@ TEXT = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("tensors, message", [
-    (KOHYA, "is Kohya-style (3 lora_unet_ and 1 lora_te_ tensors, e.g. lora_unet_down_blocks_0_attentions_0_"
-            "transformer_blocks_0_attn1_to_q.alpha); t2i_flax reads the PEFT/diffusers keys: load it in "
-            "diffusers and save it again with save_lora_weights"),
+    (KOHYA, "holds text-encoder adapters (1 tensor, e.g. lora_te_text_model_encoder_layers_0_self_attn_q_proj."
+            "lora_down.weight); t2i_flax applies UNet adapters only (load it without them, or in diffusers)"),
     (peft_file(Q, TEXT), "holds text-encoder adapters (2 tensors, e.g. text_encoder.text_model.encoder.layers.0."
                          "self_attn.q_proj.lora_A.weight); t2i_flax applies UNet adapters only"),
     (peft_file(Q, extra=CONV), "holds convolution adapters (1 module, e.g. down_blocks.0.resnets.0.conv1); "
