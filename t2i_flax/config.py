@@ -285,16 +285,17 @@ class LoraConfig:
     lora_target_modules: str = LORA_TARGETS  # PyTorch module names, comma-separated
     lora_merge: bool = False                # also export the full pipeline with the adapters merged
     lora_format: str = "peft"               # the LoRA file's keys: peft (diffusers) | kohya (ComfyUI, A1111, Forge)
-    MAY_CHANGE: ClassVar[frozenset] = frozenset({"lora_merge", "lora_format"})
+    lora_init: str | None = None            # start from this LoRA file's adapters (a resumed checkpoint wins)
+    MAY_CHANGE: ClassVar[frozenset] = frozenset({"lora_merge", "lora_format", "lora_init"})
 
     def __post_init__(self):
         _one_of("lora_format", self.lora_format, ("peft", "kohya"))
         if self.lora_rank is not None:
             _positive(self, "lora_rank", "lora_alpha")
         elif self.lora_alpha is not None or self.lora_merge or self.lora_target_modules != LORA_TARGETS \
-                or self.lora_format != "peft":
-            raise FlagError("--lora_alpha, --lora_target_modules, --lora_merge and --lora_format need --lora_rank "
-                            "(which turns LoRA on)")
+                or self.lora_format != "peft" or self.lora_init is not None:
+            raise FlagError("--lora_alpha, --lora_target_modules, --lora_merge, --lora_init and --lora_format need "
+                            "--lora_rank (which turns LoRA on)")
 
     @property
     def enabled(self) -> bool:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 
-from t2i_flax import lora, lora_files
+from t2i_flax import lora, lora_files, weights
+from t2i_flax.errors import FlagError, count_of, name_examples
 
 LORA_INIT_STREAM = 0x4C6F5241  # "LoRA": the adapters' init key, apart from the step's random streams
 
@@ -76,7 +78,35 @@ class LoraAdapters:
         return jax.eval_shape(self._init(unet))
 
     def initial_params(self, unet, unet_params):
-        return self._init(unet)()
+        """Step 0: A Gaussian and B zero, or (--lora_init) the adapters of a LoRA file, which must have this run's
+        layout: the modules the targets name, the rank and the alpha (FlagError naming both otherwise)."""
+        if self.settings.lora_init is None:
+            return self._init(unet)()
+        return self._from_file(unet, self.settings.lora_init)
+
+    def _from_file(self, unet, path: str):
+        params, info = lora_files.load_lora_weights(path, unet.abstract_params())
+        alpha = self.settings.lora_alpha or self.rank
+        ranks = sorted({int(shape[-1]) for (name, shape) in _shapes(params).items() if name[-1] == lora.A})
+        if info.folded:
+            raise FlagError(f"--lora_init {info.path}: its modules have different alphas; t2i_flax trains one alpha "
+                            f"(--lora_alpha)")
+        file_alpha = info.rank if info.alpha is None else info.alpha
+        if ranks != [self.rank] or file_alpha != alpha:
+            raise FlagError(f"--lora_init {info.path} has rank {'/'.join(map(str, ranks))} and alpha {file_alpha:g}, "
+                            f"this run --lora_rank {self.rank} and --lora_alpha {alpha:g}: give the file's")
+        want, have = _shapes(self.abstract_params(unet)), _shapes(params)
+        modules = lambda shapes: {path[:-1] for path in shapes}  # noqa: E731
+        missing = sorted(map(lora.torch_module_name, modules(want) - modules(have)))
+        extra = sorted(map(lora.torch_module_name, modules(have) - modules(want)))
+        if missing or extra:
+            what = [f"lacks {count_of(len(missing), 'module')} that --lora_target_modules names "
+                    f"({name_examples(missing, 2)})"] if missing else []
+            what += [f"adapts {count_of(len(extra), 'module')} that --lora_target_modules does not name "
+                     f"({name_examples(extra, 2)})"] if extra else []
+            raise FlagError(f"--lora_init {info.path} {' and '.join(what)} (the file's targets: "
+                            f"{name_examples(info.target_modules, 4)})")
+        return params
 
     def frozen_unet(self, unet_params):
         return unet_params
@@ -109,6 +139,10 @@ class LoraAdapters:
             return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}{keys})"
         writer.write_pipeline(jax.device_get(lora.merge_lora(writer.base_unet_params(), trained, self.scale)))
         return f"LoRA adapters ({lora_files.LORA_WEIGHTS_NAME}) and the pipeline with them merged"
+
+
+def _shapes(tree) -> dict:
+    return {path: tuple(np.shape(leaf)) for path, leaf in weights.flatten(tree).items()}
 
 
 FULL_UNET = FullUNet()

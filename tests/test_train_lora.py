@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from oracle import rel_err
-from t2i_flax import checkpoint, cli, export, lora, lora_files, trainable
+from t2i_flax import checkpoint, cli, errors, export, lora, lora_files, trainable
 from t2i_flax.models import FlaxUNet2DConditionModel
 
 from conftest import RESOLUTION
@@ -137,3 +137,43 @@ def test_resume_is_exact_and_fsdp_trains_the_same_adapters(trained, torch_pipeli
     assert (differences > 2e-6).mean() < 0.02 and differences.max() <= 0.15 * 1e-2, (
         (differences > 2e-6).mean(), differences.max())
     assert max(np.abs(b[k]).max() for k in b if k.endswith("lora_B.weight")) > 1e-3
+
+
+def test_lora_init_continues_a_file_and_refuses_another_rank(trained, torch_pipeline_dir, dataset_dir, tmp_path,
+                                                             capsys):
+    """--lora_init of the trained run's file at lr 0 exports that file bit for bit; a kohya file of the same
+    adapters starts from the same tensors; another rank or other targets are one line (exit 2) naming both."""
+    from t2i_flax import kohya
+    from t2i_flax.errors import EXIT_USAGE
+
+    file = os.path.join(trained, LORA_FILE)
+    argv = lora_argv(torch_pipeline_dir, dataset_dir, str(tmp_path / "bad"), "--lora_init", file)
+    argv[argv.index("--lora_rank") + 1] = "8"
+    assert cli.main(argv) == EXIT_USAGE
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.endswith(
+        "has rank 4 and alpha 8, this run --lora_rank 8 and --lora_alpha 8: give the file's"), error
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+    continued = str(tmp_path / "continued")
+    argv = lora_argv(torch_pipeline_dir, dataset_dir, continued, "--lora_init", file)
+    argv[argv.index("--learning_rate") + 1] = "0"
+    argv[argv.index("--max_train_steps") + 1] = "1"
+    assert cli.main(argv) == 0
+    assert_same_lora_file(continued, trained)
+
+    unet = FlaxUNet2DConditionModel.from_pretrained(torch_pipeline_dir, subfolder="unet", load_weights=False)[0]
+    peft_params = trainable.from_config(cli.parse_config(argv)).initial_params(unet, None)
+    kohya_dir = tmp_path / "kohya"
+    kohya_dir.mkdir()
+    kohya_file = str(kohya_dir / "k.safetensors")
+    from safetensors.numpy import save_file
+    save_file(kohya.lora_state_dict(peft_params, 4, 8.0, unet.abstract_params(), sdxl=False), kohya_file)
+    argv[argv.index("--lora_init") + 1] = kohya_file
+    from_kohya = trainable.from_config(cli.parse_config(argv)).initial_params(unet, None)
+    a, b = lora_files.lora_state_dict(peft_params), lora_files.lora_state_dict(from_kohya)
+    assert sorted(a) == sorted(b) and all(a[key].tobytes() == b[key].tobytes() for key in a)
+    argv += ["--lora_target_modules", "to_q,to_k,to_v"]
+    with pytest.raises(errors.FlagError, match=r"adapts 8 modules that --lora_target_modules does not name "
+                                               r"\(down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0, "):
+        trainable.from_config(cli.parse_config(argv)).initial_params(unet, None)
