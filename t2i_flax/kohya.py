@@ -55,8 +55,10 @@ def lora_state_dict(lora_params: Mapping, rank: int, alpha: float | None, unet_a
                     sdxl: bool) -> dict[str, np.ndarray]:
     """Our adapters as kohya keys (float32): original-style names for SDXL, diffusers-style for SD 1.x/2.x; one
     alpha per module, the run's (diffusers ignores per-module alphas that differ)."""
-    from t2i_flax.lora import adapters, torch_module_name
+    from t2i_flax.lora import adapters, magnitudes, torch_module_name
 
+    if magnitudes(lora_params):
+        raise ValueError("kohya keys cannot hold DoRA magnitudes (config.LoraConfig refuses --use_dora with kohya)")
     names = module_names(unet_abstract_params)
     alpha = np.asarray(float(rank if alpha is None else alpha), np.float32)
     tensors = {}

@@ -6,6 +6,7 @@ diffusers) are t2i_flax/lora_files.py.
     scale = lora.lora_scale(rank=4, alpha=None)                                 # alpha / rank
     noise_pred = lora.apply_unet(unet, base_params, lora_params, scale, noisy_latents, timesteps, context).sample
     merged = lora.merge_lora(base_params_float32, lora_params, scale)           # --lora_merge
+    dora_params = lora.with_dora_magnitudes(lora_params, base_params, scale)    # --use_dora: m = ||W + s B A||
 
 The trainable tree mirrors the UNet's module paths, one node per adapted nn.Dense, in our layout (kernels
 are (in, out), so the adapters are the transposes of PEFT's):
@@ -15,7 +16,14 @@ are (in, out), so the adapters are the transposes of PEFT's):
         "lora_B": (r, out) float32,   # PEFT's lora_B.weight (out, r), "up"; zero, so step 0 is the base model
     }}}}}, ...}
 
-Leaves are named lora_A/lora_B, never `kernel`, so sharding.PARTITION_RULES leaves them replicated (they are
+DoRA (`--use_dora`, PEFT's use_dora) adds one leaf per node, "lora_magnitude": (out,) float32, the magnitude m
+of each output feature; the layer computes b + (m / ||W + s B A||) * (x W + s x A B), the norm per output feature
+over the inputs (PEFT's for nn.Linear) and without gradient (the DoRA paper, section 4.3). m starts at ||W||
+(`with_dora_magnitudes`), so the gain starts at 1 (to the rounding of the norm, which init and forward compute in
+different XLA programs). The norm needs W + s A B per adapted layer in every step: DoRA costs a full float32
+kernel per adapted layer where LoRA costs none.
+
+Leaves are named lora_A/lora_B/lora_magnitude, never `kernel`, so sharding.PARTITION_RULES leaves them replicated (they are
 small); optimizer state, EMA and checkpoints built on this tree cover the adapters only.
 
 How the adapters are applied, and why. `apply_unet` runs the unmodified UNet under
@@ -55,6 +63,7 @@ from t2i_flax.errors import FlagError, name_examples
 # after a dot).
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 A, B = "lora_A", "lora_B"
+M = "lora_magnitude"  # DoRA: the magnitude per output feature, (out,) float32
 
 Path = tuple[str, ...]
 
@@ -157,17 +166,49 @@ def init_lora_params(rng, unet_abstract_params: Mapping, rank: int,
     return weights.unflatten(flat)
 
 
-def adapters(lora_params: Mapping) -> dict[Path, tuple[Any, Any]]:
-    """Our module path -> (A (in, r), B (r, out)) for every node of a trainable tree."""
+def _nodes(lora_params: Mapping) -> dict[Path, dict[str, Any]]:
     nodes: dict[Path, dict[str, Any]] = collections.defaultdict(dict)
     for path, leaf in weights.flatten(lora_params).items():
-        if path[-1] not in (A, B):
-            raise ValueError(f"LoRA params have a leaf {'/'.join(path)}: expected only {A} and {B} leaves")
+        if path[-1] not in (A, B, M):
+            raise ValueError(f"LoRA params have a leaf {'/'.join(path)}: expected only {A}, {B} (and {M}) leaves")
         nodes[path[:-1]][path[-1]] = leaf
-    incomplete = [path for path, node in nodes.items() if set(node) != {A, B}]
+    incomplete = [path for path, node in nodes.items() if not {A, B} <= set(node)]
     if incomplete:
         raise ValueError(f"LoRA params lack {A} or {B} at {'/'.join(incomplete[0])}")
-    return {path: (node[A], node[B]) for path, node in sorted(nodes.items())}
+    return dict(sorted(nodes.items()))
+
+
+def adapters(lora_params: Mapping) -> dict[Path, tuple[Any, Any]]:
+    """Our module path -> (A (in, r), B (r, out)) for every node of a trainable tree."""
+    return {path: (node[A], node[B]) for path, node in _nodes(lora_params).items()}
+
+
+def magnitudes(lora_params: Mapping) -> dict[Path, Any]:
+    """Our module path -> DoRA's magnitude (out,) for the nodes that have one (none: plain LoRA)."""
+    return {path: node[M] for path, node in _nodes(lora_params).items() if M in node}
+
+
+def is_dora(lora_params: Mapping) -> bool:
+    return bool(magnitudes(lora_params))
+
+
+def column_norms(kernel, lora_A, lora_B, scale):
+    """||W + scale * B A|| per output feature, float32: PEFT's weight norm for nn.Linear (its weight (out, in),
+    the norm over the input dimension of each row), here over axis 0 of our (in, out) kernel."""
+    product = jnp.matmul(jnp.asarray(lora_A, jnp.float32), jnp.asarray(lora_B, jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+    weight = jnp.asarray(kernel, jnp.float32) + jnp.asarray(scale, jnp.float32) * product
+    return jnp.sqrt(jnp.sum(weight * weight, axis=0))
+
+
+def with_dora_magnitudes(lora_params: Mapping, base_params: Mapping, scale) -> dict:
+    """DoRA's init: every adapter gets the magnitude ||W + scale B A|| per output feature (||W|| where B is zero,
+    so the adapted layer computes exactly its base), as PEFT initialises lora_magnitude_vector."""
+    kernels = weights.flatten(base_params)
+    flat = dict(weights.flatten(lora_params))
+    for path, (lora_A, lora_B) in adapters(lora_params).items():
+        flat[path + (M,)] = column_norms(kernels[path + ("kernel",)], lora_A, lora_B, scale)
+    return weights.unflatten(flat)
 
 
 def param_count(lora_params: Mapping) -> int:
@@ -188,13 +229,25 @@ def lora_delta(dense: nn.Dense, inputs, lora_A, lora_B, scale):
     return delta * jnp.asarray(scale, delta.dtype)
 
 
+def dora_output(base_output, inputs, kernel, bias, lora_A, lora_B, magnitude, delta, scale):
+    """DoRA beside the frozen layer, as PEFT computes it for nn.Linear: with n = ||W + scale B A|| per output
+    feature (no gradient flows through n, the DoRA paper's section 4.3) and g = m / n, the layer gives
+    b + g * (x W + scale x A B) = base(x) + (g - 1) (base(x) - b) + g * delta, where delta = scale x A B.
+    g is exactly 1 where m = n, so the init (m = ||W||, B = 0) is the base layer bit for bit."""
+    gain = magnitude.astype(jnp.float32) / jax.lax.stop_gradient(column_norms(kernel, lora_A, lora_B, scale))
+    gain = gain.astype(base_output.dtype)
+    without_bias = base_output if bias is None else base_output - jnp.asarray(bias, base_output.dtype)
+    return base_output + (gain - 1) * without_bias + gain * delta
+
+
 def apply_unet(unet: nn.Module, base_params: Mapping, lora_params: Mapping, scale, *args, **kwargs):
     """`unet.apply({"params": base_params}, *args, **kwargs)` with every adapter of `lora_params` added
     beside its nn.Dense (any flax module works, not only the UNet). `scale`: a Python float or a traced
     scalar. Use it inside the train step (differentiate with respect to `lora_params`) and, through
     `sampler_unet_fn`, in the sampler. ValueError when an adapter's module is never called (a tree that
     does not belong to this model)."""
-    by_path = adapters(lora_params)
+    by_path, dora = adapters(lora_params), magnitudes(lora_params)
+    base_flat = weights.flatten(base_params) if dora else {}
     used: set[Path] = set()
 
     def intercept(next_fun, call_args, call_kwargs, context):
@@ -206,7 +259,11 @@ def apply_unet(unet: nn.Module, base_params: Mapping, lora_params: Mapping, scal
             return next_fun(*call_args, **call_kwargs)
         used.add(module.path)
         inputs = call_args[0] if call_args else call_kwargs["inputs"]
-        return next_fun(*call_args, **call_kwargs) + lora_delta(module, inputs, *adapter, scale)
+        output, delta = next_fun(*call_args, **call_kwargs), lora_delta(module, inputs, *adapter, scale)
+        if module.path not in dora:
+            return output + delta
+        return dora_output(output, inputs, base_flat[module.path + ("kernel",)],
+                           base_flat.get(module.path + ("bias",)), *adapter, dora[module.path], delta, scale)
 
     with nn.intercept_methods(intercept):
         output = unet.apply({"params": base_params}, *args, **kwargs)
@@ -231,14 +288,19 @@ def sampler_unet_fn(unet: nn.Module) -> Callable:
 
 
 def merge_lora(base_params: Mapping, lora_params: Mapping, scale: float) -> dict:
-    """The base tree with every adapted kernel replaced by W + scale * A @ B, in float32 (`--lora_merge`).
-    Other leaves are the base's own arrays. Works on host arrays and on (sharded) jax arrays."""
+    """The base tree with every adapted kernel replaced by W + scale * A @ B, in float32 (`--lora_merge`); with
+    DoRA by the DoRA weight, (m / ||W + scale A B||) * (W + scale A B) per output feature. Other leaves are the
+    base's own arrays. Works on host arrays and on (sharded) jax arrays."""
     flat = dict(weights.flatten(base_params))
+    dora = magnitudes(lora_params)
     for path, (lora_A, lora_B) in adapters(lora_params).items():
         kernel_path = path + ("kernel",)
         if kernel_path not in flat:
             raise ValueError(f"LoRA adapter for {'/'.join(path)}, which has no kernel in the base params")
         product = jnp.matmul(jnp.asarray(lora_A, jnp.float32), jnp.asarray(lora_B, jnp.float32),
                              precision=jax.lax.Precision.HIGHEST)
-        flat[kernel_path] = jnp.asarray(flat[kernel_path], jnp.float32) + jnp.float32(scale) * product
+        merged = jnp.asarray(flat[kernel_path], jnp.float32) + jnp.float32(scale) * product
+        if path in dora:
+            merged = merged * (jnp.asarray(dora[path], jnp.float32) / jnp.sqrt(jnp.sum(merged * merged, axis=0)))
+        flat[kernel_path] = merged
     return weights.unflatten(flat)

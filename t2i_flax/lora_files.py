@@ -21,21 +21,28 @@ import numpy as np
 
 from t2i_flax import weights
 from t2i_flax.errors import ModelError, count_of, name_examples
-from t2i_flax.lora import (A, B, DEFAULT_TARGET_MODULES, adapters, check_rank, flax_module_path, kernel_shapes,
-                           lora_scale, parse_target_modules, torch_module_name)
+from t2i_flax.lora import (A, B, DEFAULT_TARGET_MODULES, M, adapters, check_rank, flax_module_path, kernel_shapes,
+                           lora_scale, magnitudes, parse_target_modules, torch_module_name)
 
 METADATA_KEY = "lora_adapter_metadata"  # the safetensors header entry diffusers reads the LoraConfig from
 UNET_PREFIX = "unet"  # the key prefix diffusers' StableDiffusionLoraLoaderMixin filters the UNet's keys by
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 # ---- the file: save ----------------------------------------------------------------------------------
 
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude (out,), saved without PEFT's ".weight"
+
+
 def lora_state_dict(lora_params: Mapping) -> dict[str, np.ndarray]:
-    """PEFT keys (`unet.<module>.lora_A.weight` (r, in), `lora_B.weight` (out, r)), float32 numpy."""
+    """PEFT keys (`unet.<module>.lora_A.weight` (r, in), `lora_B.weight` (out, r), with DoRA
+    `lora_magnitude_vector` (out,)), float32 numpy."""
     tensors = {}
+    dora = magnitudes(lora_params)
     for path, (lora_A, lora_B) in adapters(lora_params).items():
         name = f"{UNET_PREFIX}.{torch_module_name(path)}"
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lora_A, np.float32).T)
         tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lora_B, np.float32).T)
+        if path in dora:
+            tensors[f"{name}.{MAGNITUDE}"] = np.ascontiguousarray(np.asarray(dora[path], np.float32))
     return tensors
 
 
@@ -49,7 +56,8 @@ def save_lora_weights(folder: str, lora_params: Mapping, rank: int, alpha: float
     `lora_adapter_metadata` header entry (unet.r, unet.lora_alpha, unet.target_modules) that makes diffusers'
     `load_lora_weights` use scale alpha / rank. `alpha` None: the rank. Host (fully addressable) arrays.
     `lora_format="kohya"`: kohya-ss keys instead (t2i_flax/kohya.py; needs the UNet's `unet_abstract_params`,
-    and `sdxl` for SDXL's original module names), with kohya's `ss_network_*` metadata."""
+    and `sdxl` for SDXL's original module names), with kohya's `ss_network_*` metadata; not for DoRA.
+    DoRA adapters (a magnitude per module) are written with PEFT's `lora_magnitude_vector` keys and `use_dora`."""
     from safetensors.numpy import save_file
 
     from t2i_flax import kohya
@@ -62,6 +70,8 @@ def save_lora_weights(folder: str, lora_params: Mapping, rank: int, alpha: float
             raise ValueError(f"LoRA adapter {'/'.join(path)} has rank {np.shape(lora_A)[1]}, not {rank}")
     config = {"r": rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
               "target_modules": list(parse_target_modules(target_modules)), "init_lora_weights": "gaussian"}
+    if magnitudes(lora_params):
+        config["use_dora"] = True  # diffusers builds PEFT's LoraConfig from this: DoRA layers
     metadata = {"format": "pt", METADATA_KEY: json.dumps({f"{UNET_PREFIX}.{key}": value for key, value in
                                                           config.items()}, indent=2, sort_keys=True)}
     tensors = lora_state_dict(lora_params)
@@ -92,15 +102,17 @@ class LoraInfo:
     key_style: str  # "peft", "diffusers" (lora.down/up), "diffusers-attn-procs" (processor.to_q_lora.down)
     folded: bool  # per-module scales differed: each module's scale was multiplied into its B
     modules: int
+    dora: bool = False  # DoRA: a magnitude per module (PEFT's lora_magnitude_vector)
 
 
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 DIFFUSERS_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
 ATTN_PROCS_KEY = re.compile(r"^(?P<attention>.+)\.processor\.(?P<projection>to_q|to_k|to_v|to_out)_lora\."
                             r"(?P<part>down|up)\.weight$")
+MAGNITUDE_KEY = re.compile(rf"^(?P<module>.+)\.{MAGNITUDE}(\.weight)?$")
 ALPHA_KEY = re.compile(r"^(?P<module>.+?)(\.lora)?\.alpha$")
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.")
-OTHER_ADAPTERS = (("lora_magnitude_vector", "DoRA magnitude vectors"), ("dora_scale", "DoRA scales"),
+OTHER_ADAPTERS = (("dora_scale", "DoRA scales (kohya/LyCORIS)"),
                   ("lora_B.bias", "LoRA biases"), ("lokr_", "LoKr factors"), ("hada_", "LoHa factors"))
 STYLES = {PEFT_KEY: "peft", DIFFUSERS_KEY: "diffusers", ATTN_PROCS_KEY: "diffusers-attn-procs"}
 
@@ -173,12 +185,17 @@ def _refuse_what_cannot_apply(path: str, keys: Sequence[str]) -> None:
 
 
 def _parse_keys(path: str, tensors: Mapping[str, np.ndarray]):
-    """-> ({pytorch module: {"down": (r, in...), "up": (out, r...)}}, {module: alpha}, key styles)."""
+    """-> ({pytorch module: {"down": (r, in...), "up": (out, r...)[, "magnitude": (out,)]}}, {module: alpha},
+    key styles)."""
     pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    alphas: dict[str, float] = {}
+    alphas, magnitude = {}, {}
     styles, unknown = set(), []
     for key, tensor in tensors.items():
         name = key.removeprefix(UNET_PREFIX + ".")
+        dora = MAGNITUDE_KEY.match(name)
+        if dora:
+            magnitude[dora.group("module")] = tensor
+            continue
         for pattern, style in STYLES.items():
             match = pattern.match(name)
             if match:
@@ -208,6 +225,11 @@ def _parse_keys(path: str, tensors: Mapping[str, np.ndarray]):
     stray = [module for module in alphas if module not in pairs]
     if stray:
         raise ModelError(f"LoRA file {path} has alpha values for modules without LoRA matrices: {name_examples(stray)}")
+    if magnitude and set(magnitude) != set(pairs):
+        raise ModelError(f"LoRA file {path} has DoRA magnitudes for some modules only: "
+                         f"{name_examples(set(magnitude) ^ set(pairs))} differ")
+    for module, vector in magnitude.items():
+        pairs[module]["magnitude"] = vector
     return dict(pairs), alphas, styles
 
 
@@ -224,8 +246,8 @@ def _module_scales(path: str, pairs, alphas, metadata) -> dict[str, float]:
     ranks = {module: int(pair["down"].shape[0]) for module, pair in pairs.items()}
     if metadata is None:
         return {module: (alphas[module] / ranks[module] if module in alphas else 1.0) for module in pairs}
-    if metadata.get("use_dora"):
-        raise ModelError(f"LoRA file {path} is a DoRA adapter (use_dora in its metadata), which t2i_flax cannot apply")
+    if metadata.get("use_dora") and not all("magnitude" in pair for pair in pairs.values()):
+        raise ModelError(f"LoRA file {path} says use_dora in its metadata but has no {MAGNITUDE} tensors")
     try:
         rank, alpha = metadata["r"], metadata.get("lora_alpha", 8)  # LoraConfig's own default alpha
         rank_pattern, alpha_pattern = metadata.get("rank_pattern") or {}, metadata.get("alpha_pattern") or {}
@@ -251,8 +273,9 @@ def load_lora_weights(path: str, unet_abstract_params: Mapping) -> tuple[dict, L
     scale from `lora_adapter_metadata`), diffusers keys (`unet.<module>.lora.down.weight`/`lora.up.weight`,
     `<module>.alpha` if present, else alpha = rank), the older attention-processor keys
     (`<attention>.processor.to_q_lora.down.weight`) and kohya-ss keys (`lora_unet_<module>.lora_down.weight`,
-    t2i_flax/kohya.py). One-line ModelError naming what the file holds when it cannot be applied: text-encoder
-    adapters, convolution adapters, DoRA, modules or shapes
+    t2i_flax/kohya.py), with PEFT's DoRA magnitudes (`lora_magnitude_vector`). One-line ModelError naming what the
+    file holds when it cannot be applied: text-encoder adapters, convolution adapters, kohya DoRA scales, modules
+    or shapes
     this UNet lacks. Keys without the `unet.` prefix are read as the UNet's. When modules have different
     scales (per-module alphas), each is multiplied into its B and info.scale is 1."""
     from t2i_flax import kohya
@@ -280,13 +303,16 @@ def load_lora_weights(path: str, unet_abstract_params: Mapping) -> tuple[dict, L
         if shape is None:
             lacking.append(module)
             continue
-        down, up = pair["down"], pair["up"]
-        if len(shape) != 2 or down.shape[1] != shape[0] or up.shape != (shape[1], down.shape[0]):
+        down, up, magnitude = pair["down"], pair["up"], pair.get("magnitude")
+        if len(shape) != 2 or down.shape[1] != shape[0] or up.shape != (shape[1], down.shape[0]) or (
+                magnitude is not None and magnitude.shape != (shape[1],)):
             kind = "a convolution" if len(shape) != 2 else f"linear {shape[0]} -> {shape[1]}"
-            mismatched.append(f"{module} (down {tuple(down.shape)}, up {tuple(up.shape)}; here {kind})")
+            dora = "" if magnitude is None else f", magnitude {tuple(magnitude.shape)}"
+            mismatched.append(f"{module} (down {tuple(down.shape)}, up {tuple(up.shape)}{dora}; here {kind})")
             continue
         flat[module] = (ours, np.ascontiguousarray(np.asarray(down, np.float32).T),
-                        np.ascontiguousarray(np.asarray(up, np.float32).T))
+                        np.ascontiguousarray(np.asarray(up, np.float32).T),
+                        None if magnitude is None else np.asarray(magnitude, np.float32))
     if lacking:
         raise ModelError(f"LoRA file {file} adapts {count_of(len(lacking), 'module')} this UNet does not have "
                          f"({name_examples(lacking, 2)}): it was trained for another model")
@@ -296,9 +322,11 @@ def load_lora_weights(path: str, unet_abstract_params: Mapping) -> tuple[dict, L
     scales = _module_scales(file, pairs, alphas, metadata)
     folded = len(set(scales.values())) > 1
     params = {}
-    for module, (ours, down, up) in flat.items():
+    for module, (ours, down, up, magnitude) in flat.items():
         params[ours + (A,)] = down
         params[ours + (B,)] = up * np.float32(scales[module]) if folded else up
+        if magnitude is not None:
+            params[ours + (M,)] = magnitude
     ranks = sorted({int(pair["down"].shape[0]) for pair in pairs.values()})
     if metadata is not None:
         alpha = metadata.get("lora_alpha", 8)
@@ -310,5 +338,5 @@ def load_lora_weights(path: str, unet_abstract_params: Mapping) -> tuple[dict, L
     info = LoraInfo(path=file, scale=1.0 if folded else next(iter(scales.values())), rank=ranks[-1],
                     alpha=None if alpha is None else float(alpha), target_modules=tuple(targets),
                     key_style="kohya" if from_kohya else "+".join(sorted(styles)), folded=folded,
-                    modules=len(pairs))
+                    modules=len(pairs), dora=any("magnitude" in pair for pair in pairs.values()))
     return weights.unflatten(params), info

@@ -28,6 +28,8 @@ TARGETS = lora.DEFAULT_TARGET_MODULES + ("ff.net.0.proj", "ff.net.2", "time_emb_
 PARITY_TOL = 1e-5
 # Merged kernels against the adapters beside them, float32: measured 9.3e-7.
 MERGE_TOL = 3e-6
+# DoRA at init (m = ||W||, B = 0) against the base UNet, float32: measured 8.9e-7.
+DORA_INIT_TOL = 3e-6
 # LoRA gradients against the gradients through merged kernels, float32, worst leaf: measured 6.3e-6.
 GRAD_TOL = 2e-5
 
@@ -364,6 +366,7 @@ def peft_file(*modules, rank=RANK, features=(32, 32), extra=None):
 
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+K = Q.removesuffix("to_q") + "to_k"
 CONV = {"unet.down_blocks.0.resnets.0.conv1.lora_A.weight": np.zeros((4, 32, 3, 3), np.float32),
         "unet.down_blocks.0.resnets.0.conv1.lora_B.weight": np.zeros((32, 4, 1, 1), np.float32)}
 KOHYA = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight":
@@ -387,9 +390,11 @@ TEXT = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
      "trained for another model"),
     (peft_file(Q, features=(64, 32)), "does not fit this UNet: down_blocks.0.attentions.0.transformer_blocks.0.attn1."
                                       "to_q (down (4, 64), up (32, 4); here linear 32 -> 32)"),
-    (peft_file(Q, extra={f"{Q}.lora_magnitude_vector": np.zeros(32, np.float32)}),
-     "holds DoRA magnitude vectors (1 tensor, e.g. unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q."
-     "lora_magnitude_vector), which t2i_flax cannot apply (plain LoRA only)"),
+    (peft_file(Q, K, extra={f"{Q}.lora_magnitude_vector": np.zeros(32, np.float32)}),
+     "has DoRA magnitudes for some modules only: down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k differ"),
+    (peft_file(Q, extra={f"{Q}.lora_magnitude_vector": np.zeros(16, np.float32)}),
+     "does not fit this UNet: down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q (down (4, 32), up (32, 4), "
+     "magnitude (16,); here linear 32 -> 32)"),
     (peft_file("transformer.transformer_blocks.0.attn.to_q"), "holds adapters for transformer, not for a Stable "
                                                                "Diffusion UNet"),
     (peft_file(Q, extra={f"{Q}.lora_A.scale": np.zeros(1, np.float32)}),
@@ -397,7 +402,8 @@ TEXT = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
      "to_q.lora_A.scale"),
     ({f"{Q}.lora_A.weight": np.zeros((4, 32), np.float32)},
      "has a down or an up matrix without the other for down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
-], ids=["kohya", "text-encoder", "conv", "lacking", "shape", "dora", "other-model", "unknown", "half"])
+], ids=["kohya", "text-encoder", "conv", "lacking", "shape", "dora-partial", "dora-shape", "other-model", "unknown",
+        "half"])
 def test_files_it_cannot_apply_are_one_line_model_errors(model, tmp_path, tensors, message):
     path = str(tmp_path / "lora.safetensors")
     save_file(tensors, path)
@@ -437,3 +443,117 @@ def test_sd15_default_targets_sizes():
               for rank in (4, 64)}
     assert counts == {4: 797_184, 64: 12_754_944}  # float32: 3.19 MB and 51.0 MB of tensors
     assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract)) == 859_520_964
+
+
+# ---- DoRA ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_dora(model, random_lora):
+    """DoRA on the random adapters: magnitudes ||W + s B A|| (PEFT's init for these A, B) times a random factor in
+    [0.8, 1.2], as training would move them."""
+    flat = {path: np.asarray(leaf) for path, leaf in
+            weights.flatten(lora.with_dora_magnitudes(random_lora, model[1], SCALE)).items()}
+    rng = np.random.default_rng(5)
+    for path in flat:
+        if path[-1] == lora.M:
+            flat[path] = (flat[path] * rng.uniform(0.8, 1.2, flat[path].shape)).astype(np.float32)
+    return weights.unflatten(flat)
+
+
+@pytest.fixture(scope="module")
+def dora_dir(random_dora, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("dora"))
+    lora_files.save_lora_weights(folder, random_dora, RANK, ALPHA, TARGETS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def torch_dora(torch_pipeline_dir, dora_dir, inputs):
+    """diffusers' load_lora_weights of our DoRA file: the UNet's output, what PEFT loaded, and the gradients of
+    sum(output * weights) with respect to the adapters (PEFT's module names -> tensors)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(torch_pipeline_dir)
+    sample, timesteps, context = (torch.from_numpy(np.asarray(x)) for x in inputs)
+    pipe.load_lora_weights(dora_dir)
+    adapter = next(iter(pipe.unet.peft_config))
+    config = pipe.unet.peft_config[adapter]
+    with torch.no_grad():
+        loaded = {key: value.numpy().copy()
+                  for key, value in get_peft_model_state_dict(pipe.unet, adapter_name=adapter).items()}
+    trained = {name: param for name, param in pipe.unet.named_parameters() if ".lora_" in name}
+    for param in trained.values():
+        param.requires_grad_(True)
+    output = pipe.unet(sample, timesteps, context).sample
+    output_weights = torch.from_numpy(np.random.default_rng(6).normal(size=tuple(output.shape)).astype(np.float32))
+    (output * output_weights).sum().backward()
+    grads = {name.replace(f".{adapter}", ""): param.grad.numpy().copy() for name, param in trained.items()}
+    with torch.no_grad():
+        pipe.fuse_lora()
+        fused = pipe.unet(sample, timesteps, context).sample.numpy()
+    return dict(output=output.detach().numpy(), loaded=loaded, use_dora=config.use_dora, grads=grads,
+                output_weights=output_weights.numpy(), fused=fused)
+
+
+def test_dora_init_is_the_base_model_to_an_ulp_of_the_gain(model, forward, plain):
+    """m = ||W|| and B = 0: every adapted layer's gain m / ||W + s B A|| is 1 up to the rounding of the norm,
+    which two XLA programs (init, forward) may sum in different orders: measured 1 ulp (1.2e-7) off on 8% of
+    the output features, the output 8.9e-7 off (PEFT computes both norms with the same PyTorch kernel)."""
+    _, base_params, abstract = model
+    zero_B = lora.with_dora_magnitudes(lora.init_lora_params(jax.random.key(3), abstract, RANK, TARGETS),
+                                       base_params, SCALE)
+    assert len(lora.magnitudes(zero_B)) == 49
+    kernels = weights.flatten(base_params)
+    norms = jax.jit(lora.column_norms)
+    gains = [np.asarray(m) / np.asarray(norms(kernels[path + ("kernel",)], *lora.adapters(zero_B)[path], SCALE))
+             for path, m in lora.magnitudes(zero_B).items()]
+    assert max(np.abs(gain - 1).max() for gain in gains) <= 2 * np.finfo(np.float32).eps
+    assert rel_err(forward(base_params, zero_B, SCALE), plain(base_params)) < DORA_INIT_TOL
+
+
+def test_dora_file_loads_in_diffusers_and_draws_what_our_unet_draws(model, forward, plain, random_dora, dora_dir,
+                                                                     random_lora, torch_dora):
+    unet, base_params, abstract = model
+    written = weights.read_safetensors(os.path.join(dora_dir, lora_files.LORA_WEIGHTS_NAME))
+    # PEFT keys, 49 modules x (A, B, magnitude), every tensor loaded as written; diffusers built a DoRA config.
+    assert sorted(torch_dora["loaded"]) == sorted(key.removeprefix("unet.") for key in written)
+    assert len(written) == 3 * 49 and torch_dora["use_dora"] is True
+    assert all(np.array_equal(torch_dora["loaded"][key.removeprefix("unet.")], value) for key, value in written.items())
+    magnitude = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"
+    assert written[magnitude].shape == (32,)
+
+    ours = forward(base_params, random_dora, SCALE)
+    assert rel_err(ours, torch_dora["output"]) < PARITY_TOL
+    # Measured 1.25e-6. The magnitudes matter: the same A, B as plain LoRA are 0.26 of the output's range away.
+    assert rel_err(forward(base_params, random_lora, SCALE), torch_dora["output"]) > 0.1
+
+    # Our loader reads the file back bit for bit, DoRA and all.
+    loaded, info = lora_files.load_lora_weights(dora_dir, abstract)
+    assert (info.dora, info.scale, info.modules) == (True, SCALE, 49)
+    a, b = lora_files.lora_state_dict(loaded), lora_files.lora_state_dict(random_dora)
+    assert sorted(a) == sorted(b) and all(a[key].tobytes() == b[key].tobytes() for key in a)
+
+    # --lora_merge: the DoRA weight m / ||W + s B A|| (W + s B A), as PEFT's fuse_lora (measured 1.2e-6 from
+    # diffusers' fused UNet, 9.4e-7 from ours with the adapters beside the layers).
+    merged = lora.merge_lora(base_params, random_dora, SCALE)
+    assert rel_err(plain(merged), torch_dora["fused"]) < PARITY_TOL
+    assert rel_err(plain(merged), ours) < MERGE_TOL
+
+
+def test_dora_gradients_equal_peft_with_the_norm_detached(model, inputs, random_dora, torch_dora):
+    """PEFT (the DoRA paper's section 4.3) treats ||W + s B A|| as a constant: the gradients of A, B and the
+    magnitude equal PEFT's (measured: 5.6e-6 on the worst leaf, 5.4e-6 on the worst magnitude)."""
+    unet, base_params, _ = model
+    output_weights = torch_dora["output_weights"]
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(
+        lora.apply_unet(unet, base_params, p, SCALE, *inputs).sample * output_weights)))(random_dora)
+    reference = {}
+    for name, grad in torch_dora["grads"].items():
+        module, part = name.split(".lora_")
+        part = {"A.weight": lora.A, "B.weight": lora.B, "magnitude_vector.weight": lora.M}[part]
+        reference[lora.flax_module_path(module) + (part,)] = grad if part == lora.M else grad.T
+    ours = weights.flatten(grads)
+    assert sorted(ours) == sorted(reference)
+    errors_by_leaf = {path: rel_err(ours[path], reference[path]) for path in ours}
+    assert max(errors_by_leaf.values()) < GRAD_TOL, max(errors_by_leaf.items(), key=lambda item: item[1])
