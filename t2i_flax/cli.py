@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora_merge", action="store_true", help="Also export the full pipeline with the adapters merged.")
     a("--lora_format", type=str, default="peft",
       help="peft (diffusers' keys, default) | kohya (lora_unet_* keys: ComfyUI, A1111, Forge): the LoRA file's keys.")
+    a("--use_dora", action="store_true",
+      help="DoRA (PEFT's): also train a magnitude per output feature; the file loads in diffusers with PEFT.")
     a("--lora_init", type=str, default=None,
       help="Continue training this LoRA file (PEFT or kohya keys; its rank and alpha must be --lora_rank's and "
            "--lora_alpha's): the adapters start from its tensors.")

@@ -286,6 +286,7 @@ class LoraConfig:
     lora_merge: bool = False                # also export the full pipeline with the adapters merged
     lora_format: str = "peft"               # the LoRA file's keys: peft (diffusers) | kohya (ComfyUI, A1111, Forge)
     lora_init: str | None = None            # start from this LoRA file's adapters (a resumed checkpoint wins)
+    use_dora: bool = False                  # DoRA (PEFT's): a trained magnitude per output feature of each layer
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"lora_merge", "lora_format", "lora_init"})
 
     def __post_init__(self):
@@ -293,9 +294,12 @@ class LoraConfig:
         if self.lora_rank is not None:
             _positive(self, "lora_rank", "lora_alpha")
         elif self.lora_alpha is not None or self.lora_merge or self.lora_target_modules != LORA_TARGETS \
-                or self.lora_format != "peft" or self.lora_init is not None:
-            raise FlagError("--lora_alpha, --lora_target_modules, --lora_merge, --lora_init and --lora_format need "
-                            "--lora_rank (which turns LoRA on)")
+                or self.lora_format != "peft" or self.lora_init is not None or self.use_dora:
+            raise FlagError("--lora_alpha, --lora_target_modules, --lora_merge, --lora_init, --use_dora and "
+                            "--lora_format need --lora_rank (which turns LoRA on)")
+        if self.use_dora and self.lora_format == "kohya":
+            raise FlagError("--use_dora with --lora_format kohya: kohya LoRA keys have no DoRA magnitudes that "
+                            "diffusers reads (it drops dora_scale); use --lora_format peft")
 
     @property
     def enabled(self) -> bool:

@@ -1,6 +1,6 @@
 """What is trained: the whole UNet, or LoRA adapters beside the frozen UNet. Chosen once from the config
 (`trainable.from_config(config)`); the setup, the step, validation, aot and the export ask it what to do, so
-the next kind (text-encoder LoRA, DoRA) is one more class here, not branches through the trainer.
+the next kind (text-encoder LoRA) is one more class here (DoRA is LoRA with a magnitude per layer: --use_dora), not branches through the trainer.
 
     kind = trainable.from_config(config)
     shapes = kind.abstract_params(unet)                  # the trained tree: state, Adam, EMA, checkpoints
@@ -66,6 +66,7 @@ class LoraAdapters:
         self.scale = lora_config.scale
         self.targets = lora.parse_target_modules(lora_config.lora_target_modules)
         self.key = jax.random.fold_in(jax.random.PRNGKey(seed), LORA_INIT_STREAM)
+        self.dora = bool(lora_config.use_dora)
 
     def needs_unet_weights(self, resuming: bool) -> bool:
         return True  # the frozen base
@@ -74,18 +75,29 @@ class LoraAdapters:
         """The adapters at step 0 (A Gaussian, B zero), as a jitted function of nothing."""
         return jax.jit(lambda: lora.init_lora_params(self.key, unet.abstract_params(), self.rank, self.targets))
 
+    def _with_magnitudes(self, params, unet_params):
+        """DoRA: each adapter's magnitude from the frozen kernel it sits on, ||W + scale B A|| (||W|| at B = 0)."""
+        base = weights.flatten(unet_params)
+        kernels = {path + ("kernel",): base[path + ("kernel",)] for path in lora.adapters(params)}
+        return jax.jit(lambda p, k: lora.with_dora_magnitudes(p, weights.unflatten(k), self.scale))(params, kernels)
+
     def abstract_params(self, unet):
-        return jax.eval_shape(self._init(unet))
+        plain = jax.eval_shape(self._init(unet))
+        return jax.eval_shape(self._with_magnitudes, plain, unet.abstract_params()) if self.dora else plain
 
     def initial_params(self, unet, unet_params):
         """Step 0: A Gaussian and B zero, or (--lora_init) the adapters of a LoRA file, which must have this run's
-        layout: the modules the targets name, the rank and the alpha (FlagError naming both otherwise)."""
-        if self.settings.lora_init is None:
-            return self._init(unet)()
-        return self._from_file(unet, self.settings.lora_init)
+        layout: the modules the targets name, the rank and the alpha (FlagError naming both otherwise). DoRA's
+        magnitudes come from `unet_params` (the frozen base), or from a DoRA file."""
+        params = self._init(unet)() if self.settings.lora_init is None else self._from_file(unet, self.settings.lora_init)
+        if self.dora and not lora.is_dora(params):
+            params = self._with_magnitudes(params, unet_params)
+        return params
 
     def _from_file(self, unet, path: str):
         params, info = lora_files.load_lora_weights(path, unet.abstract_params())
+        if info.dora and not self.dora:
+            raise FlagError(f"--lora_init {info.path} is a DoRA adapter (lora_magnitude_vector tensors): add --use_dora")
         alpha = self.settings.lora_alpha or self.rank
         ranks = sorted({int(shape[-1]) for (name, shape) in _shapes(params).items() if name[-1] == lora.A})
         if info.folded:
@@ -95,8 +107,8 @@ class LoraAdapters:
         if ranks != [self.rank] or file_alpha != alpha:
             raise FlagError(f"--lora_init {info.path} has rank {'/'.join(map(str, ranks))} and alpha {file_alpha:g}, "
                             f"this run --lora_rank {self.rank} and --lora_alpha {alpha:g}: give the file's")
-        want, have = _shapes(self.abstract_params(unet)), _shapes(params)
-        modules = lambda shapes: {path[:-1] for path in shapes}  # noqa: E731
+        want, have = _shapes(jax.eval_shape(self._init(unet))), _shapes(params)
+        modules = lambda shapes: {path[:-1] for path in shapes if path[-1] != lora.M}  # noqa: E731
         missing = sorted(map(lora.torch_module_name, modules(want) - modules(have)))
         extra = sorted(map(lora.torch_module_name, modules(have) - modules(want)))
         if missing or extra:
@@ -119,13 +131,13 @@ class LoraAdapters:
 
     def describe(self, unet) -> str:
         shapes = unet.abstract_params()
-        return (f"LoRA: rank {self.rank}, scale {self.scale:g}, {len(lora.adapted_modules(shapes, self.targets))} "
+        return (f"{'DoRA' if self.dora else 'LoRA'}: rank {self.rank}, scale {self.scale:g}, {len(lora.adapted_modules(shapes, self.targets))} "
                 f"adapted layers, {lora.param_count(self.abstract_params(unet)):,} trained parameters")
 
     def card_settings(self) -> dict:
         settings = self.settings
         return {"LoRA": f"rank {settings.lora_rank}, alpha {settings.lora_alpha or settings.lora_rank}, "
-                        f"targets {settings.lora_target_modules}"}
+                        f"targets {settings.lora_target_modules}{', DoRA' if self.dora else ''}"}
 
     def export(self, writer, trained) -> str:
         """The adapters' file (PEFT or, --lora_format kohya, kohya keys); with --lora_merge also the pipeline with

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from oracle import rel_err
-from t2i_flax import checkpoint, cli, errors, export, lora, lora_files, trainable
+from t2i_flax import checkpoint, cli, errors, export, lora, lora_files, trainable, weights
 from t2i_flax.models import FlaxUNet2DConditionModel
 
 from conftest import RESOLUTION
@@ -177,3 +177,52 @@ def test_lora_init_continues_a_file_and_refuses_another_rank(trained, torch_pipe
     with pytest.raises(errors.FlagError, match=r"adapts 8 modules that --lora_target_modules does not name "
                                                r"\(down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0, "):
         trainable.from_config(cli.parse_config(argv)).initial_params(unet, None)
+
+
+def test_dora_trains_a_file_diffusers_loads_and_merges(torch_pipeline_dir, dataset_dir, tmp_path, capsys):
+    """--use_dora: 2 steps; the file (PEFT keys with lora_magnitude_vector, use_dora) loads in diffusers and draws
+    what our UNet with it draws, and the --lora_merge pipeline is the DoRA weight; kohya keys are refused."""
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = str(tmp_path / "dora")
+    argv = lora_argv(torch_pipeline_dir, dataset_dir, output_dir, "--use_dora", "--lora_merge")
+    assert cli.main(argv + ["--lora_format", "kohya"]) == errors.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == ("error: --use_dora with --lora_format kohya: kohya LoRA keys have no "
+                                               "DoRA magnitudes that diffusers reads (it drops dora_scale); use "
+                                               "--lora_format peft")
+    argv[argv.index("--max_train_steps") + 1] = "2"
+    assert cli.main(argv) == 0
+    assert export.main(["--checkpoint", os.path.join(output_dir, "checkpoints", "2"), "--output_dir",
+                        str(tmp_path / "x"), "--lora_format", "kohya"]) == errors.EXIT_USAGE
+    assert "--use_dora with --lora_format kohya" in capsys.readouterr().err
+
+    unet, base = FlaxUNet2DConditionModel.from_pretrained(torch_pipeline_dir, subfolder="unet")
+    adapters, info = lora_files.load_lora_weights(output_dir, unet.abstract_params())
+    assert (info.dora, info.rank, info.scale, info.modules) == (True, 4, 2.0, 32)
+    # The magnitudes were trained: they left ||W + s B A|| (where the gain would be 1).
+    kernels = weights.flatten(base)
+    moved = max(np.abs(np.asarray(m) - np.asarray(lora.column_norms(kernels[path + ("kernel",)],
+                                                                    *lora.adapters(adapters)[path], 2.0))).max()
+                for path, m in lora.magnitudes(adapters).items())
+    assert moved > 1e-3, moved
+    rng = np.random.default_rng(0)
+    sample, timesteps = rng.normal(size=(2, 4, 16, 16)).astype(np.float32), np.array([3, 700])
+    context = rng.normal(size=(2, 77, 32)).astype(np.float32)
+    ours = lora.apply_unet(unet, base, adapters, info.scale, sample, timesteps, context).sample
+    pipe = StableDiffusionPipeline.from_pretrained(torch_pipeline_dir)
+    pipe.load_lora_weights(output_dir)
+    assert pipe.unet.peft_config[next(iter(pipe.unet.peft_config))].use_dora
+    merged = StableDiffusionPipeline.from_pretrained(output_dir)
+    with torch.no_grad():
+        reference = pipe.unet(torch.tensor(sample), torch.tensor(timesteps), torch.tensor(context)).sample.numpy()
+        merged_output = merged.unet(torch.tensor(sample), torch.tensor(timesteps), torch.tensor(context)).sample.numpy()
+    assert rel_err(ours, reference) <= PARITY_TOL
+    assert rel_err(merged_output, reference) <= PARITY_TOL
+
+    # --lora_init of the DoRA file starts from its tensors, magnitudes included; without --use_dora it is one line.
+    started = trainable.from_config(cli.parse_config(argv + ["--lora_init", output_dir])).initial_params(unet, base)
+    a, b = lora_files.lora_state_dict(started), lora_files.lora_state_dict(adapters)
+    assert sorted(a) == sorted(b) and all(a[key].tobytes() == b[key].tobytes() for key in a)
+    argv.remove("--use_dora")
+    with pytest.raises(errors.FlagError, match="is a DoRA adapter \\(lora_magnitude_vector tensors\\): add --use_dora"):
+        trainable.from_config(cli.parse_config(argv + ["--lora_init", output_dir])).initial_params(unet, base)
