@@ -106,15 +106,17 @@ def test_learning_rate_zero_is_exactly_the_base_model(torch_pipeline_dir, datase
 
 
 def test_resume_is_exact_and_fsdp_trains_the_same_adapters(trained, torch_pipeline_dir, dataset_dir, tmp_path):
-    """From the run's checkpoint 2, resumed to 4: the LoRA file equals the uninterrupted run's bit for bit.
+    """From the run's checkpoint 2, resumed to 4 (with a --lora_init, which the checkpoint overrides): the LoRA
+    file equals the uninterrupted run's bit for bit.
     Steps 1-2 on --fsdp 8 (the frozen base sharded 8 ways) give the same adapters as data parallel, up to
     the float order of the reductions."""
     resumed = str(tmp_path / "resumed")
     shutil.copytree(trained, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
     os.remove(os.path.join(resumed, LORA_FILE))
+    # --lora_init (the finished run's file, other tensors than checkpoint 2's) is not read: the checkpoint wins.
     argv = lora_argv(torch_pipeline_dir, dataset_dir, resumed, "--use_ema", "--ema_decay", "0.5",
-                     "--resume_from_checkpoint", "latest")
+                     "--resume_from_checkpoint", "latest", "--lora_init", os.path.join(trained, LORA_FILE))
     assert cli.main(argv) == 0
     assert_same_lora_file(resumed, trained)
 
