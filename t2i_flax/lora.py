@@ -23,8 +23,8 @@ over the inputs (PEFT's for nn.Linear) and without gradient (the DoRA paper, sec
 different XLA programs). The norm needs W + s A B per adapted layer in every step: DoRA costs a full float32
 kernel per adapted layer where LoRA costs none.
 
-Leaves are named lora_A/lora_B/lora_magnitude, never `kernel`, so sharding.PARTITION_RULES leaves them replicated (they are
-small); optimizer state, EMA and checkpoints built on this tree cover the adapters only.
+Leaves are named lora_A/lora_B/lora_magnitude, never `kernel`, so sharding.PARTITION_RULES leaves them replicated
+(they are small); optimizer state, EMA and checkpoints built on this tree cover the adapters only.
 
 How the adapters are applied, and why. `apply_unet` runs the unmodified UNet under
 `flax.linen.intercept_methods`: the interceptor sees every module method call; for the `__call__` of an

@@ -1,6 +1,7 @@
 """What is trained: the whole UNet, or LoRA adapters beside the frozen UNet. Chosen once from the config
 (`trainable.from_config(config)`); the setup, the step, validation, aot and the export ask it what to do, so
-the next kind (text-encoder LoRA) is one more class here (DoRA is LoRA with a magnitude per layer: --use_dora), not branches through the trainer.
+the next kind (text-encoder LoRA) is one more class here, not branches through the trainer (DoRA is LoRA with a
+magnitude per layer: LoraAdapters with --use_dora).
 
     kind = trainable.from_config(config)
     shapes = kind.abstract_params(unet)                  # the trained tree: state, Adam, EMA, checkpoints
@@ -89,7 +90,8 @@ class LoraAdapters:
         """Step 0: A Gaussian and B zero, or (--lora_init) the adapters of a LoRA file, which must have this run's
         layout: the modules the targets name, the rank and the alpha (FlagError naming both otherwise). DoRA's
         magnitudes come from `unet_params` (the frozen base), or from a DoRA file."""
-        params = self._init(unet)() if self.settings.lora_init is None else self._from_file(unet, self.settings.lora_init)
+        path = self.settings.lora_init
+        params = self._init(unet)() if path is None else self._from_file(unet, path)
         if self.dora and not lora.is_dora(params):
             params = self._with_magnitudes(params, unet_params)
         return params
@@ -97,7 +99,8 @@ class LoraAdapters:
     def _from_file(self, unet, path: str):
         params, info = lora_files.load_lora_weights(path, unet.abstract_params())
         if info.dora and not self.dora:
-            raise FlagError(f"--lora_init {info.path} is a DoRA adapter (lora_magnitude_vector tensors): add --use_dora")
+            raise FlagError(f"--lora_init {info.path} is a DoRA adapter (lora_magnitude_vector tensors): add "
+                            f"--use_dora")
         alpha = self.settings.lora_alpha or self.rank
         ranks = sorted({int(shape[-1]) for (name, shape) in _shapes(params).items() if name[-1] == lora.A})
         if info.folded:
@@ -131,7 +134,8 @@ class LoraAdapters:
 
     def describe(self, unet) -> str:
         shapes = unet.abstract_params()
-        return (f"{'DoRA' if self.dora else 'LoRA'}: rank {self.rank}, scale {self.scale:g}, {len(lora.adapted_modules(shapes, self.targets))} "
+        return (f"{'DoRA' if self.dora else 'LoRA'}: rank {self.rank}, scale {self.scale:g}, "
+                f"{len(lora.adapted_modules(shapes, self.targets))} "
                 f"adapted layers, {lora.param_count(self.abstract_params(unet)):,} trained parameters")
 
     def card_settings(self) -> dict:

@@ -228,3 +228,14 @@ def test_dora_trains_a_file_diffusers_loads_and_merges(torch_pipeline_dir, datas
     argv.remove("--use_dora")
     with pytest.raises(errors.FlagError, match="is a DoRA adapter \\(lora_magnitude_vector tensors\\): add --use_dora"):
         trainable.from_config(cli.parse_config(argv + ["--lora_init", output_dir])).initial_params(unet, base)
+    # --use_dora from a plain LoRA file: its A and B, magnitudes ||W + s B A|| (PEFT's when DoRA is added to a LoRA).
+    argv.append("--use_dora")
+    plain = {path: leaf for path, leaf in weights.flatten(adapters).items() if path[-1] != lora.M}
+    lora_files.save_lora_weights(str(tmp_path / "plain"), weights.unflatten(plain), 4, 8.0)
+    started = trainable.from_config(cli.parse_config(argv + ["--lora_init", str(tmp_path / "plain")])).initial_params(
+        unet, base)
+    flat = weights.flatten(started)
+    assert all(flat[path].tobytes() == leaf.tobytes() for path, leaf in plain.items())
+    for path, magnitude in lora.magnitudes(started).items():
+        np.testing.assert_allclose(magnitude, lora.column_norms(kernels[path + ("kernel",)],
+                                                                *lora.adapters(adapters)[path], 2.0), rtol=3e-7)
