@@ -203,7 +203,8 @@ def column_norms(kernel, lora_A, lora_B, scale):
 
 def with_dora_magnitudes(lora_params: Mapping, base_params: Mapping, scale) -> dict:
     """DoRA's init: every adapter gets the magnitude ||W + scale B A|| per output feature (||W|| where B is zero,
-    so the adapted layer computes exactly its base), as PEFT initialises lora_magnitude_vector."""
+    so the adapted layer computes its base, to the rounding of the norm), as PEFT initialises
+    lora_magnitude_vector."""
     kernels = weights.flatten(base_params)
     flat = dict(weights.flatten(lora_params))
     for path, (lora_A, lora_B) in adapters(lora_params).items():
@@ -229,11 +230,11 @@ def lora_delta(dense: nn.Dense, inputs, lora_A, lora_B, scale):
     return delta * jnp.asarray(scale, delta.dtype)
 
 
-def dora_output(base_output, inputs, kernel, bias, lora_A, lora_B, magnitude, delta, scale):
+def dora_output(base_output, kernel, bias, lora_A, lora_B, magnitude, delta, scale):
     """DoRA beside the frozen layer, as PEFT computes it for nn.Linear: with n = ||W + scale B A|| per output
     feature (no gradient flows through n, the DoRA paper's section 4.3) and g = m / n, the layer gives
     b + g * (x W + scale x A B) = base(x) + (g - 1) (base(x) - b) + g * delta, where delta = scale x A B.
-    g is exactly 1 where m = n, so the init (m = ||W||, B = 0) is the base layer bit for bit."""
+    g is exactly 1 where m = n as computed here; at the init (m = ||W||, B = 0) to the rounding of the norm."""
     gain = magnitude.astype(jnp.float32) / jax.lax.stop_gradient(column_norms(kernel, lora_A, lora_B, scale))
     gain = gain.astype(base_output.dtype)
     without_bias = base_output if bias is None else base_output - jnp.asarray(bias, base_output.dtype)
@@ -262,7 +263,7 @@ def apply_unet(unet: nn.Module, base_params: Mapping, lora_params: Mapping, scal
         output, delta = next_fun(*call_args, **call_kwargs), lora_delta(module, inputs, *adapter, scale)
         if module.path not in dora:
             return output + delta
-        return dora_output(output, inputs, base_flat[module.path + ("kernel",)],
+        return dora_output(output, base_flat[module.path + ("kernel",)],
                            base_flat.get(module.path + ("bias",)), *adapter, dora[module.path], delta, scale)
 
     with nn.intercept_methods(intercept):
