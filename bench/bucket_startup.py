@@ -1,6 +1,7 @@
 """Startup with aspect-ratio buckets: how long the trainer takes to compile one train step per bucket, cold and with
-a warm compilation cache, for the tiny test model on 8 simulated CPU devices at a realistic bucket set (512 px, the
-default bucket flags, images at 11 common aspect ratios). One JSON line per run.
+a warm compilation cache, for the tiny test model on 2 simulated CPU devices at a realistic bucket set (512 px, the
+default bucket flags, images at 11 common aspect ratios; the test VAE with SD's 8x downsampling; --cache_latents).
+One JSON line per run.
 
     python bench/bucket_startup.py --workdir /tmp/bucket_startup
 """
@@ -48,12 +49,16 @@ def main(argv=None) -> None:
     parser.add_argument("--resolution", type=int, default=512)
     args = parser.parse_args(argv)
 
-    from t2i_flax.demo import write_tiny_pipeline
+    from t2i_flax.demo import TINY_VAE, write_tiny_pipeline
 
     model_dir, data_dir = os.path.join(args.workdir, "tiny"), os.path.join(args.workdir, "data")
     cache_dir = os.path.join(args.workdir, "compilation_cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
-    write_tiny_pipeline(model_dir)
+    # The tiny test model with a VAE that downsamples 8 times, as SD's: 64 x 64 latents at 512 px (the test VAE's 2
+    # would put 65536 positions into the UNet's self-attention, terabytes of scores).
+    write_tiny_pipeline(model_dir, vae_config=dict(TINY_VAE, block_out_channels=[32, 32, 64, 64],
+                                                   down_block_types=["DownEncoderBlock2D"] * 4,
+                                                   up_block_types=["UpDecoderBlock2D"] * 4))
     write_dataset(data_dir, args.resolution, per_ratio=8)
     for run in ("cold", "warm"):
         output_dir = os.path.join(args.workdir, "out")
@@ -61,7 +66,8 @@ def main(argv=None) -> None:
         command = [sys.executable, os.path.join(ROOT, "train_text_to_image_flax.py"),
                    "--pretrained_model_name_or_path", model_dir, "--train_data_dir", data_dir, "--output_dir",
                    output_dir, "--resolution", str(args.resolution), "--aspect_ratio_buckets", "--center_crop",
-                   "--train_batch_size", "1", "--max_train_steps", "1", "--report_to", "none", "--cpu_devices", "8",
+                   "--train_batch_size", "1", "--max_train_steps", "1", "--report_to", "none", "--cpu_devices", "2",
+                   "--cache_latents",  # the step without the VAE encoder; 2 devices: at 512 px 8 would not fit 24 GiB
                    "--compilation_cache_dir", cache_dir]
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
