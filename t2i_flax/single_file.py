@@ -36,6 +36,7 @@ import shutil
 
 import numpy as np
 
+from t2i_flax import weights
 from t2i_flax.errors import FlagError, ModelError, name_examples
 
 SUFFIX = ".safetensors"
@@ -146,16 +147,7 @@ def local_file(reference: str, revision: str | None = None, cache_dir: str | Non
 def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (safetensors dtype, shape)} from the file's header, without reading the tensors."""
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else -1
-        file_size = os.fstat(handle.fileno()).st_size
-        if size < 2 or 8 + size > file_size:
-            raise SingleFileError(f"{path} is truncated or not a safetensors file (its header length {size} does "
-                                  f"not fit the file's {file_size} bytes)")
-        try:
-            header = json.loads(handle.read(size))
-        except ValueError:
-            raise SingleFileError(f"{path} is not a safetensors file (its header does not parse)") from None
+        header, _ = weights.read_safetensors_header(handle, path, SingleFileError)
     return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items() if name != "__metadata__"}
 
 

@@ -224,6 +224,22 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+def read_safetensors_header(handle, path: str, error=None) -> tuple[dict, int]:
+    """(the parsed JSON header, the offset of the tensor data) of a safetensors file open at its start; `error`
+    (default WeightsError) for a file whose header length does not fit it or whose header does not parse."""
+    error = error or WeightsError
+    head = handle.read(8)
+    header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    file_size = os.fstat(handle.fileno()).st_size
+    if header_size < 2 or 8 + header_size > file_size:  # a cut download, or another kind of file
+        raise error(f"{path} is truncated or not a safetensors file: its header length {header_size} "
+                    f"does not fit the file's {file_size} bytes")
+    try:
+        return json.loads(handle.read(header_size)), 8 + header_size
+    except ValueError:
+        raise error(f"{path} is not a safetensors file (its header does not parse)") from None
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Reads each tensor straight into its own numpy array (one copy in memory, no mmap of the file,
     bfloat16 through ml_dtypes): peak host memory stays about the size of the file."""
@@ -231,16 +247,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
     tensors = {}
     with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        file_size = os.fstat(handle.fileno()).st_size
-        if 8 + header_size > file_size:  # a cut download, or another kind of file: its first 8 bytes are no length
-            raise WeightsError(f"{path} is truncated or not a safetensors file: its header length {header_size} "
-                               f"is more than the file's {file_size} bytes")
-        try:
-            header = json.loads(handle.read(header_size))
-        except ValueError:
-            raise WeightsError(f"{path} is not a safetensors file (its header does not parse)") from None
-        data_start = 8 + header_size
+        header, data_start = read_safetensors_header(handle, path)
         for key, entry in header.items():
             if key == "__metadata__":
                 continue

@@ -163,7 +163,7 @@ def test_a_header_length_beyond_the_end_of_the_file_is_a_model_error(tmp_path, h
         path.write_bytes(header_length.to_bytes(8, "little") + b'{"a": 1}')
     size = path.stat().st_size
     with pytest.raises(ModelError, match=rf"^{re.escape(str(path))} is truncated or not a safetensors file: its header "
-                                         rf"length {header_length} is more than the file's {size} bytes$"):
+                                         rf"length {header_length} does not fit the file's {size} bytes$"):
         weights.read_safetensors(str(path))
 
 
