@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mixed_precision", type=str, default="no", help="no | bf16 (compute dtype; weights stay float32). fp16: see README.")
     a("--prediction_type", type=str, default=None, help="epsilon | v_prediction; default: the model's scheduler config.")
     a("--noise_offset", type=float, default=0.0)
+    a("--input_perturbation", type=float, default=0.0,
+      help="Noise the UNet's input with noise + this x fresh noise; the target stays the noise (0: off; 0.1 is usual).")
     a("--use_ema", action="store_true", help="Keep an EMA of the UNet; the export uses it.")
     a("--ema_decay", type=float, default=0.9999)
     # logging and hub

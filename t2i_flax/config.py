@@ -208,6 +208,7 @@ class TrainConfig:
     num_train_epochs: int = 100
     max_train_steps: int | None = None
     noise_offset: float = 0.0
+    input_perturbation: float = 0.0         # the UNet's input noised with noise + gamma x fresh noise (target: noise)
     use_ema: bool = False
     ema_decay: float = 0.9999
     # The global batch must stay the same on resume (checked on the resolved plan), not the per-device one.
@@ -215,7 +216,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "train_batch_size", "num_train_epochs", "max_train_steps")
-        _non_negative(self, "noise_offset")
+        _non_negative(self, "noise_offset", "input_perturbation")
         if not 0.0 < self.ema_decay <= 1.0:
             raise FlagError(f"--ema_decay must be in (0, 1] (got {self.ema_decay})")
 

@@ -14,11 +14,16 @@ def settings_table(config, plan, trainable) -> dict:
             f"weight decay {optimizer.adam_weight_decay}, eps {optimizer.adam_epsilon}",
             "max grad norm": optimizer.max_grad_norm, "mixed precision": config.model.mixed_precision,
             "EMA": f"decay {config.train.ema_decay}" if config.train.use_ema else "no",
-            "noise offset": config.train.noise_offset, "seed": config.train.seed,
+            "noise offset": config.train.noise_offset, **noise_settings(config.train), "seed": config.train.seed,
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
             "resize filter": config.data.image_interpolation_mode, **caption_settings(config.data),
             **bucket_settings(config.data), **trainable.card_settings()}
+
+
+def noise_settings(train) -> dict:
+    """The rows of the step's noise options, when set."""
+    return {"input perturbation": train.input_perturbation} if train.input_perturbation else {}
 
 
 def bucket_settings(data_config) -> dict:

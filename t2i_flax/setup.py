@@ -211,7 +211,8 @@ def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, n
     return step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder,
                            noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
-                           noise_offset=config.train.noise_offset, trainable=trained, family=family,
+                           noise_offset=config.train.noise_offset,
+                           input_perturbation=config.train.input_perturbation, trainable=trained, family=family,
                            text_encoder_2=modules.text_encoder_2)
 
 
