@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--noise_offset", type=float, default=0.0)
     a("--input_perturbation", type=float, default=0.0,
       help="Noise the UNet's input with noise + this x fresh noise; the target stays the noise (0: off; 0.1 is usual).")
+    a("--timestep_bias_strategy", type=str, default="none",
+      help="earlier | later | range | none: draw the training timesteps more often (multiplier > 1) or less often "
+           "(< 1) in the first or last --timestep_bias_portion of them, or in [--timestep_bias_begin, _end).")
+    a("--timestep_bias_multiplier", type=float, default=1.0, help="The weight of the biased timesteps (others: 1).")
+    a("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep.")
+    a("--timestep_bias_end", type=int, default=1000, help="range: the biased timesteps stop before this one.")
+    a("--timestep_bias_portion", type=float, default=0.25, help="earlier / later: the fraction of timesteps biased.")
     a("--use_ema", action="store_true", help="Keep an EMA of the UNet; the export uses it.")
     a("--ema_decay", type=float, default=0.9999)
     # logging and hub

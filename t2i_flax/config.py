@@ -27,6 +27,7 @@ DEFAULT_INTERPOLATION = "lanczos"
 # before --image_interpolation_mode resized with bilinear.
 BEFORE_THE_FLAG = {"image_interpolation_mode": "bilinear"}
 SECRET_FIELDS = ("hub_token",)
+TIMESTEP_BIAS_STRATEGIES = ("earlier", "later", "range", "none")  # train_text_to_image_sdxl.py's
 # Compared as real paths on resume when they name existing local folders (or single files).
 PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir",
                "single_file_config")
@@ -209,6 +210,11 @@ class TrainConfig:
     max_train_steps: int | None = None
     noise_offset: float = 0.0
     input_perturbation: float = 0.0         # the UNet's input noised with noise + gamma x fresh noise (target: noise)
+    timestep_bias_strategy: str = "none"    # earlier | later | range | none: timesteps drawn from biased weights
+    timestep_bias_multiplier: float = 1.0   # the weight of the biased timesteps (the others' is 1)
+    timestep_bias_begin: int = 0            # range: the first biased timestep
+    timestep_bias_end: int = 1000           # range: the biased timesteps stop before this one
+    timestep_bias_portion: float = 0.25     # earlier / later: the fraction of the timesteps biased
     use_ema: bool = False
     ema_decay: float = 0.9999
     # The global batch must stay the same on resume (checked on the resolved plan), not the per-device one.
@@ -217,6 +223,16 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self, "train_batch_size", "num_train_epochs", "max_train_steps")
         _non_negative(self, "noise_offset", "input_perturbation")
+        _one_of("timestep_bias_strategy", self.timestep_bias_strategy, TIMESTEP_BIAS_STRATEGIES)
+        if self.timestep_bias_strategy != "none":
+            if not self.timestep_bias_multiplier > 0:
+                raise FlagError(f"--timestep_bias_multiplier must be positive (got {self.timestep_bias_multiplier}); "
+                                f"to turn the bias off use --timestep_bias_strategy none")
+            if not 0.0 <= self.timestep_bias_portion <= 1.0:
+                raise FlagError(f"--timestep_bias_portion {self.timestep_bias_portion} must be between 0 and 1")
+            if self.timestep_bias_strategy == "range" and not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+                raise FlagError(f"--timestep_bias_begin {self.timestep_bias_begin} and --timestep_bias_end "
+                                f"{self.timestep_bias_end} must satisfy 0 <= begin < end")
         if not 0.0 < self.ema_decay <= 1.0:
             raise FlagError(f"--ema_decay must be in (0, 1] (got {self.ema_decay})")
 

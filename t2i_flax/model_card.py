@@ -22,8 +22,14 @@ def settings_table(config, plan, trainable) -> dict:
 
 
 def noise_settings(train) -> dict:
-    """The rows of the step's noise options, when set."""
-    return {"input perturbation": train.input_perturbation} if train.input_perturbation else {}
+    """The rows of the step's noise and timestep options, when set."""
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    rows = {"input perturbation": train.input_perturbation} if train.input_perturbation else {}
+    bias = TimestepBias.from_config(train)
+    if bias is not None:
+        rows["timestep bias"] = bias.describe()
+    return rows
 
 
 def bucket_settings(data_config) -> dict:

@@ -22,6 +22,7 @@ from t2i_flax import family as families
 from t2i_flax import optim, sharding, step, trainable
 from t2i_flax.config import RunConfig
 from t2i_flax.diffusion.noise import NoiseSchedule, read_scheduler_config, schedule_from_config
+from t2i_flax.diffusion.timestep_bias import TimestepBias
 from t2i_flax.errors import FlagError
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}
@@ -212,7 +213,8 @@ def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, n
                            noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
                            noise_offset=config.train.noise_offset,
-                           input_perturbation=config.train.input_perturbation, trainable=trained, family=family,
+                           input_perturbation=config.train.input_perturbation,
+                           timestep_bias=TimestepBias.from_config(config.train), trainable=trained, family=family,
                            text_encoder_2=modules.text_encoder_2)
 
 
@@ -236,6 +238,8 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
                         f"(its VAE and UNet downsample the images {multiple} times)")
     trained = trainable.from_config(config)
     step_config = make_step_config(config, plan, modules, noise_schedule, trained, base.family)
+    if step_config.timestep_bias is not None:
+        step_config.timestep_bias.check(noise_schedule.num_train_timesteps)
     abstract_state, state_sharding = step.state_shardings(step_config, mesh, trained.abstract_params(modules.unet),
                                                           config.train.seed)
     shapes = {"unet": modules.unet.abstract_params(), "vae": modules.vae.abstract_params(),

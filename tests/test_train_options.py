@@ -55,3 +55,120 @@ def test_input_perturbation_flag_resume_check_and_card():
     assert "input perturbation" not in card_of(config_of())
     with pytest.raises(FlagError, match="--input_perturbation must be >= 0"):
         config_of(input_perturbation=-0.1)
+
+
+# ---- --timestep_bias_* ----------------------------------------------------------------------------------------
+
+
+def reference_timestep_weights(strategy, multiplier, begin, end, portion, num_timesteps):
+    """train_text_to_image_sdxl.py's generate_timestep_weights, in torch as the script computes it."""
+    import torch
+
+    weights = torch.ones(num_timesteps)
+    num_to_bias = int(portion * num_timesteps)
+    if strategy == "later":
+        bias_indices = slice(-num_to_bias, None)
+    elif strategy == "earlier":
+        bias_indices = slice(0, num_to_bias)
+    elif strategy == "range":
+        assert begin >= 0 and end <= num_timesteps  # the script raises ValueError otherwise
+        bias_indices = slice(begin, end)
+    else:
+        return weights
+    weights[bias_indices] *= multiplier
+    weights /= weights.sum()
+    return weights.numpy()
+
+
+BIAS_CASES = [("earlier", 3.0, 0, 1000, 0.25, 1000), ("later", 2.0, 0, 1000, 0.5, 1000),
+              ("later", 0.5, 0, 1000, 0.3, 1000), ("range", 4.0, 200, 500, 0.25, 1000),
+              ("range", 10.0, 0, 1, 0.25, 1000), ("earlier", 2.0, 0, 1000, 0.1, 37),
+              ("later", 5.0, 0, 1000, 0.001, 100)]  # the last: the portion rounds to no timestep
+
+
+@pytest.mark.parametrize("strategy,multiplier,begin,end,portion,num_timesteps", BIAS_CASES)
+def test_timestep_weights_equal_the_sdxl_script(strategy, multiplier, begin, end, portion, num_timesteps):
+    import numpy as np
+
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    config = config_of(timestep_bias_strategy=strategy, timestep_bias_multiplier=multiplier,
+                       timestep_bias_begin=begin, timestep_bias_end=end, timestep_bias_portion=portion)
+    ours = TimestepBias.from_config(config.train).weights(num_timesteps)
+    want = reference_timestep_weights(strategy, multiplier, begin, end, portion, num_timesteps)
+    assert ours.dtype == np.float32 and ours.shape == (num_timesteps,)
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=0)  # float32 sums in another order
+    assert abs(float(ours.sum()) - 1.0) < 1e-6
+
+
+def test_no_strategy_is_uniform_and_draws_as_before():
+    import jax
+    import numpy as np
+
+    from t2i_flax import step
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    assert TimestepBias.from_config(config_of(timestep_bias_multiplier=5.0).train) is None
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(step.draw_timesteps(key, 64, 1000),
+                                  jax.random.randint(key, (64,), 0, 1000))
+
+
+@pytest.mark.parametrize("strategy,multiplier,begin,end,portion", [("later", 3.0, 0, 1000, 0.25),
+                                                                    ("range", 0.2, 100, 600, 0.25)])
+def test_the_step_draws_its_timesteps_from_the_weights(strategy, multiplier, begin, end, portion):
+    """The step's own draw (step_randomness with the option, on many step keys): a chi-square test of the histogram
+    of 100,000 timesteps against the weights, per timestep, and the biased share within 3 standard deviations."""
+    import jax
+    import numpy as np
+    from scipy import stats
+
+    from t2i_flax import step
+    from t2i_flax.diffusion.noise import NoiseSchedule
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    bias = TimestepBias(strategy, multiplier, begin, end, portion)
+    schedule = NoiseSchedule(np.linspace(0.999, 0.01, 1000, dtype=np.float32))
+    config = step.StepConfig(unet=None, vae=None, text_encoder=None, noise_schedule=schedule, optimizer=None,
+                             learning_rate=None, timestep_bias=bias)
+    keys = jax.random.split(jax.random.PRNGKey(0), 5_000)
+    draw = jax.jit(jax.vmap(lambda key: step.step_randomness(config, key, (20, 4, 1, 1))["timesteps"]))
+    timesteps = np.asarray(draw(keys)).ravel()
+    weights = bias.weights(1000).astype(np.float64)
+    counts = np.bincount(timesteps, minlength=1000)
+    assert counts.sum() == 100_000 and counts.size == 1000
+    expected = weights * counts.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < stats.chi2.ppf(0.999, df=999), chi2
+    first, stop = bias.biased(1000)
+    share, want = counts[first:stop].sum() / counts.sum(), weights[first:stop].sum()
+    assert abs(share - want) < 3 * np.sqrt(want * (1 - want) / counts.sum()), (share, want)
+    uniform = np.full(1000, 1e-3) * counts.sum()
+    assert ((counts - uniform) ** 2 / uniform).sum() > 10 * stats.chi2.ppf(0.999, df=999)  # visibly not uniform
+
+
+def test_timestep_bias_flags_resume_check_card_and_refusals():
+    args = cli.build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    assert (args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_begin,
+            args.timestep_bias_end, args.timestep_bias_portion) == ("none", 1.0, 0, 1000, 0.25)  # the script's
+    config = config_of(timestep_bias_strategy="range", timestep_bias_multiplier=2.0, timestep_bias_begin=200,
+                       timestep_bias_end=500, timestep_bias_portion=0.5)
+    assert_checked_on_resume(config, ["--timestep_bias_strategy", "--timestep_bias_multiplier",
+                                      "--timestep_bias_begin", "--timestep_bias_end", "--timestep_bias_portion"])
+    assert card_of(config)["timestep bias"] == "range: x2 on timesteps [200, 500)"
+    assert card_of(config_of(timestep_bias_strategy="later", timestep_bias_multiplier=1.5))["timestep bias"] == \
+        "later: x1.5 on the later 0.25 of the timesteps"
+    assert "timestep bias" not in card_of(config_of())
+    for flags, message in [({"timestep_bias_strategy": "middle"}, "--timestep_bias_strategy 'middle' is not one of"),
+                           ({"timestep_bias_strategy": "later", "timestep_bias_multiplier": 0.0},
+                            "--timestep_bias_multiplier must be positive"),
+                           ({"timestep_bias_strategy": "earlier", "timestep_bias_portion": 1.5},
+                            "--timestep_bias_portion 1.5 must be between 0 and 1"),
+                           ({"timestep_bias_strategy": "range", "timestep_bias_begin": 500, "timestep_bias_end": 500},
+                            "must satisfy 0 <= begin < end")]:
+        with pytest.raises(FlagError, match=message):
+            config_of(**flags)
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    with pytest.raises(FlagError, match="--timestep_bias_end 1000 is past this model's 500 training timesteps"):
+        TimestepBias("range", 2.0, 0, 1000).check(500)
