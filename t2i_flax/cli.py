@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     a("--report_to", type=str, default="tensorboard", help="tensorboard | wandb | all | none")
     a("--log_every", type=int, default=10, help="Steps between logged (averaged) metrics.")
+    a("--tracker_project_name", type=str, default=None,
+      help="wandb's project, and TensorBoard's run folder under --logging_dir, as accelerate's trackers use it "
+           "(default: wandb project t2i_flax, TensorBoard in --logging_dir itself).")
     # checkpoints
     a("--checkpointing_steps", type=int, default=500,
       help="Save a checkpoint every N steps (and always at the last step); 0: only at the last step.")

@@ -244,16 +244,22 @@ class OutputConfig:
     logging_dir: str = "logs"               # relative to output_dir
     report_to: str = "tensorboard"
     log_every: int = 10
+    tracker_project_name: str | None = None  # wandb's project and TensorBoard's run folder (None: t2i_flax, logs/)
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None            # never saved or printed
     export_single_file: bool = False        # also <output_dir>/<name>.safetensors in the original SD layout
     export_dtype: str | None = None         # its dtype: float16 (None), bfloat16, float32
-    MAY_CHANGE: ClassVar[frozenset] = frozenset({"output_dir", "logging_dir", "report_to", "log_every", "push_to_hub",
+    MAY_CHANGE: ClassVar[frozenset] = frozenset({"output_dir", "logging_dir", "report_to", "log_every",
+                                                 "tracker_project_name", "push_to_hub",
                                                  "hub_model_id", "hub_token", "export_single_file", "export_dtype"})
 
     def __post_init__(self):
         _positive(self, "log_every")
+        if self.tracker_project_name is not None and (not self.tracker_project_name.strip()
+                                                      or os.sep in self.tracker_project_name):
+            raise FlagError(f"--tracker_project_name {self.tracker_project_name!r} must be a non-empty name without "
+                            f"{os.sep!r} (it is also TensorBoard's run folder)")
         _one_of("export_dtype", self.export_dtype, (None, "float16", "bfloat16", "float32"))
         if self.export_dtype is not None and not self.export_single_file:
             raise FlagError("--export_dtype needs --export_single_file (the diffusers folder is float32)")

@@ -18,7 +18,8 @@ def settings_table(config, plan, trainable) -> dict:
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
             "resize filter": config.data.image_interpolation_mode, **caption_settings(config.data),
-            **bucket_settings(config.data), **trainable.card_settings()}
+            **bucket_settings(config.data), **trainable.card_settings(),
+            **({"tracker project": config.output.tracker_project_name} if config.output.tracker_project_name else {})}
 
 
 def noise_settings(train) -> dict:

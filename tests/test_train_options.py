@@ -5,7 +5,7 @@ script is in test_step_vs_torch.py."""
 import pytest
 
 from t2i_flax import cli, model_card
-from t2i_flax.config import RunConfig
+from t2i_flax.config import RunConfig, may_change_on_resume
 from t2i_flax.errors import FlagError
 
 BASE = {"pretrained_model_name_or_path": "m", "dataset_name": "d"}
@@ -172,3 +172,44 @@ def test_timestep_bias_flags_resume_check_card_and_refusals():
 
     with pytest.raises(FlagError, match="--timestep_bias_end 1000 is past this model's 500 training timesteps"):
         TimestepBias("range", 2.0, 0, 1000).check(500)
+
+
+# ---- --tracker_project_name -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("project", [None, "my-sd-runs"])
+def test_tracker_project_name_names_the_wandb_project_and_the_tensorboard_run(tmp_path, monkeypatch, project):
+    import glob
+    import os
+    import sys
+    import types
+
+    from t2i_flax.metrics import MetricsWriter
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(kwargs) or types.SimpleNamespace(log=lambda *a, **k: None,
+                                                                              finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    writer = MetricsWriter(str(tmp_path), "logs", "all", 2, run_config={"a": 1}, project_name=project)
+    writer.add(1, {"loss": 0.5, "learning_rate": 1e-4})
+    writer.flush(1)
+    writer.close()
+    assert calls == [{"project": project or "t2i_flax", "config": {"a": 1}}]
+    events = glob.glob(os.path.join(tmp_path, "logs", "**", "events.out.tfevents.*"), recursive=True)
+    assert [os.path.relpath(os.path.dirname(path), tmp_path) for path in events] == \
+        [os.path.join("logs", project) if project else "logs"]
+
+
+def test_tracker_project_name_may_change_on_resume_and_is_on_the_card():
+    args = cli.build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d",
+                                          "--tracker_project_name", "text2image-fine-tune"])
+    assert args.tracker_project_name == "text2image-fine-tune"
+    config = config_of(tracker_project_name="text2image-fine-tune")
+    assert config.resume_differences(config_of().to_dict()) == []  # a logging setting, as --report_to
+    assert "--tracker_project_name" in may_change_on_resume()
+    assert card_of(config)["tracker project"] == "text2image-fine-tune"
+    assert "tracker project" not in card_of(config_of())
+    for bad in ("", "a/b"):
+        with pytest.raises(FlagError, match="--tracker_project_name"):
+            config_of(tracker_project_name=bad)
