@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train_batch_size", type=int, default=16, help="Per device.")
     a("--num_train_epochs", type=int, default=100)
     a("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    a("--optimizer", type=str, default="adamw",
+      help="adamw | adafactor | lion | prodigy (optax's; which flags each reads: README). Prodigy estimates its step "
+           "size: give it --learning_rate 1.0. Lion wants an lr 3-10x smaller than AdamW's.")
     a("--learning_rate", type=float, default=1e-4)
     a("--scale_lr", action="store_true", help="learning_rate x train_batch_size x device count.")
     a("--lr_scheduler", type=str, default="constant", help=", ".join(SCHEDULES))

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from t2i_flax.errors import FlagError
 
+OPTIMIZERS = ("adamw", "adafactor", "lion", "prodigy")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 POLYNOMIAL_END_LR = 1e-7
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -177,7 +178,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """clip_by_global_norm, then AdamW with a diffusers learning-rate schedule."""
+    """clip_by_global_norm, then the optimizer (AdamW by default) with a diffusers learning-rate schedule."""
+    optimizer: str = "adamw"                # adamw | adafactor | lion | prodigy (optax's; t2i_flax/optim.py)
     learning_rate: float = 1e-4
     scale_lr: bool = False
     lr_scheduler: str = "constant"
@@ -197,8 +199,17 @@ class OptimizerConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FlagError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
         _one_of("lr_scheduler", self.lr_scheduler, SCHEDULES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        if self.no_decay_bias_and_norm and self.optimizer not in ("adamw", "lion"):
+            raise FlagError(f"--no_decay_bias_and_norm is for --optimizer adamw or lion: {self.optimizer} "
+                            f"{'has no weight decay' if self.optimizer == 'adafactor' else 'decays every parameter'}")
         if self.lr_scheduler == "polynomial" and not self.learning_rate > POLYNOMIAL_END_LR:
             raise FlagError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}: --learning_rate must be larger")
+
+    @property
+    def warmup(self) -> bool:
+        """Whether the first update's learning rate is 0 (a warmup schedule with warmup steps, or lr 0)."""
+        return self.learning_rate == 0 or (self.lr_scheduler != "constant" and self.lr_warmup_steps > 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,7 +208,8 @@ def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, n
                                             optimizer_config.lr_warmup_steps, plan.max_train_steps)
     optimizer = optim.make_optimizer(schedule, optimizer_config.adam_beta1, optimizer_config.adam_beta2,
                                      optimizer_config.adam_weight_decay, optimizer_config.adam_epsilon,
-                                     optimizer_config.max_grad_norm, optimizer_config.no_decay_bias_and_norm)
+                                     optimizer_config.max_grad_norm, optimizer_config.no_decay_bias_and_norm,
+                                     optimizer_config.optimizer, optimizer_config.warmup)
     return step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder,
                            noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,

@@ -213,3 +213,288 @@ def test_tracker_project_name_may_change_on_resume_and_is_on_the_card():
     for bad in ("", "a/b"):
         with pytest.raises(FlagError, match="--tracker_project_name"):
             config_of(tracker_project_name=bad)
+
+
+# ---- --optimizer ----------------------------------------------------------------------------------------------
+
+OPTIMIZER_LR, OPTIMIZER_WARMUP, OPTIMIZER_TOTAL, OPTIMIZER_CLIP = 1e-2, 1, 6, 1.0
+GRADIENT_SCALES = (0.1, 3.0, 0.01, 1.0, 5.0)  # clipped on the 2nd and 5th updates (norms > 1), not on the others
+
+
+def small_tree(seed=0):
+    """A kernel Adafactor factors (both sides >= 128), a conv kernel, a bias and a norm scale."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shapes = {"proj": {"kernel": (128, 130), "bias": (130,)}, "conv": {"kernel": (3, 3, 4, 8)}, "norm": {"scale": (8,)}}
+    return {module: {name: (0.5 * rng.standard_normal(shape)).astype(np.float32) for name, shape in leaves.items()}
+            for module, leaves in shapes.items()}
+
+
+def gradients(params, seed=1):
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for scale in GRADIENT_SCALES:
+        raw = jax.tree_util.tree_map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+        norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in jax.tree_util.tree_leaves(raw)))
+        out.append(jax.tree_util.tree_map(lambda g: g * np.float32(scale / norm), raw))
+    return out
+
+
+def run_updates(optimizer, params, grads):
+    import jax
+    import optax
+
+    update = jax.jit(optimizer.update)
+    state = optimizer.init(params)
+    trajectory = []
+    for grad in grads:
+        updates, state = update(grad, state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(jax.device_get(params))
+    return trajectory
+
+
+def optax_reference(name, schedule, weight_decay, decay_mask, warmup):
+    """Each optimizer as optax spells it, with the hyperparameters the README says it takes from the flags."""
+    import optax
+
+    from t2i_flax.optim import weight_decay_mask
+
+    mask = weight_decay_mask if decay_mask else None
+    inner = {"adamw": lambda: optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask),
+             "adafactor": lambda: optax.adafactor(learning_rate=schedule),
+             "lion": lambda: optax.lion(schedule, b1=0.9, b2=0.99, weight_decay=weight_decay, mask=mask),
+             "prodigy": lambda: optax.contrib.prodigy(schedule, betas=(0.9, 0.999), eps=1e-8,
+                                                      weight_decay=weight_decay, safeguard_warmup=warmup)}[name]()
+    return optax.chain(optax.clip_by_global_norm(OPTIMIZER_CLIP), inner)
+
+
+@pytest.mark.parametrize("name,decay_mask", [("adamw", False), ("adamw", True), ("adafactor", False),
+                                             ("lion", False), ("lion", True), ("prodigy", False)])
+def test_each_optimizer_equals_optax_with_clipping_and_the_schedule(name, decay_mask):
+    """Five updates with a warmup + linear decay schedule, clipping on some: bit for bit optax's own chain. (Prodigy
+    at lr 1.0, its own scale: it multiplies its estimated step size.)"""
+    import jax
+    import numpy as np
+
+    from t2i_flax import optim
+
+    lr = 1.0 if name == "prodigy" else OPTIMIZER_LR
+    schedule = optim.learning_rate_schedule("linear", lr, OPTIMIZER_WARMUP, OPTIMIZER_TOTAL)
+    params = small_tree()
+    grads = gradients(params)
+    ours = run_updates(optim.make_optimizer(schedule, weight_decay=0.1, max_grad_norm=OPTIMIZER_CLIP,
+                                            decay_mask=decay_mask, name=name, warmup=True), params, grads)
+    want = run_updates(optax_reference(name, schedule, 0.1, decay_mask, True), params, grads)
+    for index, (got, expected) in enumerate(zip(ours, want)):
+        for path, value in jax.tree_util.tree_leaves_with_path(expected):
+            leaf = got
+            for key in path:
+                leaf = leaf[key.key]
+            assert np.asarray(leaf).tobytes() == np.asarray(value).tobytes(), (index, jax.tree_util.keystr(path))
+    moved = np.abs(ours[-1]["proj"]["kernel"] - params["proj"]["kernel"]).max()
+    assert moved > (1e-6 if name == "prodigy" else 1e-4), moved  # the updates really moved the weights
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(ours[-1]))
+
+
+def test_lion_is_the_papers_update():
+    """Lion's rule written out (Chen et al. 2023, as lion-pytorch): c = b1 m + (1 - b1) g; p -= lr (sign(c) + wd p);
+    m = b2 m + (1 - b2) g; after clipping, with the schedule's lr of each update."""
+    import jax
+    import numpy as np
+
+    from t2i_flax import optim
+
+    schedule = optim.learning_rate_schedule("linear", OPTIMIZER_LR, OPTIMIZER_WARMUP, OPTIMIZER_TOTAL)
+    params = small_tree()
+    grads = gradients(params)
+    ours = run_updates(optim.make_optimizer(schedule, weight_decay=0.1, max_grad_norm=OPTIMIZER_CLIP, name="lion"),
+                       params, grads)
+    p = jax.tree_util.tree_map(lambda x: x.astype(np.float64), params)
+    m = jax.tree_util.tree_map(np.zeros_like, p)
+    for index, grad in enumerate(grads):
+        norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in jax.tree_util.tree_leaves(grad)))
+        g = jax.tree_util.tree_map(lambda x: x.astype(np.float64) * min(1.0, OPTIMIZER_CLIP / norm), grad)
+        lr = float(schedule(index))
+        c = jax.tree_util.tree_map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
+        p = jax.tree_util.tree_map(lambda p_, c_: p_ - lr * (np.sign(c_) + 0.1 * p_), p, c)
+        m = jax.tree_util.tree_map(lambda m_, g_: 0.99 * m_ + 0.01 * g_, m, g)
+        for got, want in zip(jax.tree_util.tree_leaves(ours[index]), jax.tree_util.tree_leaves(p)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float32 against float64: measured <= 6e-8
+
+
+def test_adafactor_equals_transformers_adafactor():
+    """optax's Adafactor defaults against transformers' Adafactor(scale_parameter=True, relative_step=False,
+    warmup_init=False) (kohya's usual setting) with the same lr per update, after the same clipping: the factored
+    (128 x 130) kernel and the unfactored leaves. Leaves with a side < 128 differ by design (optax keeps their full
+    second moment; transformers factors every matrix), so the 4-D kernel is left out of the comparison."""
+    import numpy as np
+    import torch
+    from transformers.optimization import Adafactor
+
+    from t2i_flax import optim
+
+    schedule = optim.learning_rate_schedule("linear", OPTIMIZER_LR, OPTIMIZER_WARMUP, OPTIMIZER_TOTAL)
+    params = {"proj": small_tree()["proj"], "norm": small_tree()["norm"]}
+    grads = gradients(params)
+    ours = run_updates(optim.make_optimizer(schedule, max_grad_norm=OPTIMIZER_CLIP, name="adafactor"), params, grads)
+    names = [("proj", "kernel"), ("proj", "bias"), ("norm", "scale")]
+    torch_params = [torch.nn.Parameter(torch.tensor(params[a][b])) for a, b in names]
+    torch_optimizer = Adafactor(torch_params, lr=OPTIMIZER_LR, scale_parameter=True, relative_step=False,
+                                warmup_init=False)
+    for index, grad in enumerate(grads):
+        for parameter, (a, b) in zip(torch_params, names):
+            parameter.grad = torch.tensor(grad[a][b])
+        torch.nn.utils.clip_grad_norm_(torch_params, OPTIMIZER_CLIP)
+        torch_optimizer.param_groups[0]["lr"] = float(schedule(index))
+        torch_optimizer.step()
+        for parameter, (a, b) in zip(torch_params, names):
+            # measured <= 1.2e-7 (the lr is 1e-2 x the parameters' RMS, 0.5)
+            np.testing.assert_allclose(ours[index][a][b], parameter.detach().numpy(), rtol=0, atol=1e-6,
+                                       err_msg=f"update {index + 1} {a}/{b}")
+
+
+def test_prodigy_safeguards_its_estimate_when_the_first_lr_is_0():
+    """optax's Prodigy divides by the sum of its lr-weighted gradient sums: a first update at lr 0 (any warmup)
+    makes that 0/0 and every weight NaN, unless safeguard_warmup (which the trainer turns on for a warmup)."""
+    import jax
+    import numpy as np
+
+    from t2i_flax import optim
+
+    schedule = optim.learning_rate_schedule("linear", 1.0, OPTIMIZER_WARMUP, OPTIMIZER_TOTAL)
+    params = small_tree()
+    grads = gradients(params)[:2]
+    unguarded = run_updates(optim.make_optimizer(schedule, name="prodigy", warmup=False), params, grads)
+    assert np.isnan(unguarded[-1]["proj"]["kernel"]).all()
+    guarded = run_updates(optim.make_optimizer(schedule, name="prodigy", warmup=True), params, grads)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(guarded))
+    assert config_of(optimizer="prodigy", lr_scheduler="constant_with_warmup", lr_warmup_steps=10).optimizer.warmup
+    assert config_of(optimizer="prodigy", learning_rate=0.0).optimizer.warmup
+    assert not config_of(optimizer="prodigy", lr_warmup_steps=10).optimizer.warmup  # constant ignores the warmup
+    assert not config_of(optimizer="prodigy", lr_scheduler="cosine", lr_warmup_steps=0).optimizer.warmup
+
+
+def test_optimizer_flag_resume_check_card_and_refusals():
+    args = cli.build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    assert args.optimizer == "adamw"
+    config = config_of(optimizer="lion")
+    assert_checked_on_resume(config, ["--optimizer"])
+    assert "AdamW" in card_of(config_of()) and "optimizer" not in card_of(config_of())  # as before
+    assert card_of(config)["optimizer"] == "Lion (optax), betas 0.9/0.99, weight decay 0.01"
+    assert card_of(config_of(optimizer="adafactor"))["optimizer"].startswith("Adafactor (optax's defaults")
+    assert card_of(config_of(optimizer="prodigy", learning_rate=1.0, lr_scheduler="cosine", lr_warmup_steps=5))[
+        "optimizer"] == "Prodigy (optax), betas 0.9/0.999, weight decay 0.01, eps 1e-08, safeguarded warmup"
+    with pytest.raises(FlagError, match="--optimizer 'sgd' is not one of: adamw, adafactor, lion, prodigy"):
+        config_of(optimizer="sgd")
+    for name, why in (("adafactor", "has no weight decay"), ("prodigy", "decays every parameter")):
+        with pytest.raises(FlagError, match=f"--no_decay_bias_and_norm is for --optimizer adamw or lion: {name} {why}"):
+            config_of(optimizer=name, no_decay_bias_and_norm=True)
+    assert config_of(optimizer="lion", no_decay_bias_and_norm=True).optimizer.no_decay_bias_and_norm
+
+
+@pytest.fixture(scope="module")
+def tiny_step_parts(pipeline_dir, dataset_dir):
+    """The tiny pipeline's models and parameters, and three fixed global batches of 8."""
+    import os
+
+    import jax
+
+    from t2i_flax import data, family, tokenizer
+    from t2i_flax.config import DataConfig
+    from t2i_flax.diffusion.noise import load_noise_schedule
+
+    from conftest import RESOLUTION
+
+    kind = family.detect(pipeline_dir)
+    modules, params = kind.load(pipeline_dir, jax.numpy.float32)
+    loader = data.build_train_loader(DataConfig(train_data_dir=dataset_dir, resolution=RESOLUTION, center_crop=True),
+                                     tokenizer.load_tokenizer(os.path.join(pipeline_dir, "tokenizer")),
+                                     host_batch_size=8, seed=0)
+    batches = loader.iterator()
+    fixed = [next(batches) for _ in range(3)]
+    batches.close()
+    return kind, modules, params, load_noise_schedule(pipeline_dir), fixed
+
+
+@pytest.mark.parametrize("name,full_step", [("prodigy", True), ("adafactor", False), ("lion", False)])
+def test_each_optimizer_trains_sharded_and_resumes_exactly(tiny_step_parts, tmp_path, name, full_step):
+    """On a 2 x 4 mesh (data x fsdp), the optimizer's state sharded by the partition table (a kernel's moments as the
+    kernel), with EMA, a warmup schedule and clipping: a checkpoint after update 1 (Orbax, the trainer's Checkpoints),
+    restored, then updates 2-3: every array of the state bit for bit that of the uninterrupted run.
+    Prodigy (the largest state: moments, gradient sums, the initial weights, scalar estimates) runs the trainer's
+    whole jitted step (state donated), with this issue's other step options, and its losses must agree too; for
+    Adafactor and Lion the step's optimizer half (`step.apply_gradients`, what the optimizer changes in the program)
+    is jitted with the same shardings and fed fixed gradients, which spares the suite two UNet compiles."""
+    import jax
+    import numpy as np
+
+    from t2i_flax import checkpoint, optim, sharding, step
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    kind, modules, params, schedule, batches = tiny_step_parts
+    lr = optim.learning_rate_schedule("constant_with_warmup", 1.0 if name == "prodigy" else 1e-3, 1, 10)
+    config = step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder, family=kind,
+                             noise_schedule=schedule, learning_rate=lr, use_ema=True, ema_decay=0.9,
+                             optimizer=optim.make_optimizer(lr, max_grad_norm=0.5, name=name, warmup=True),
+                             input_perturbation=0.1, timestep_bias=TimestepBias("later", 2.0))
+    mesh = sharding.make_mesh(4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    state, state_sharding = step.create_state(config, mesh, params["unet"], seed=0)
+
+    kernel_spec = jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    shaped_like_conv_in = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+                           if jax.tree_util.keystr(path).endswith("['conv_in']['kernel']")
+                           and leaf.shape == state.params["conv_in"]["kernel"].shape]
+    assert shaped_like_conv_in and all(leaf.sharding.spec == kernel_spec for leaf in shaped_like_conv_in)
+
+    if full_step:
+        frozen = step.frozen_params(params["vae"], params["text_encoder"])
+        frozen_sharding = sharding.tree_shardings(mesh, frozen)
+        frozen = jax.device_put(frozen, frozen_sharding)
+        train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
+        inputs = [sharding.global_batch(mesh, batch) for batch in batches]
+
+        def update(state, batch):
+            state, metrics = train_step(state, frozen, batch)
+            return state, float(metrics["loss"])
+    else:
+        apply = jax.jit(lambda state, grads: step.apply_gradients(config, state, grads),
+                        in_shardings=(state_sharding, state_sharding.params), out_shardings=state_sharding,
+                        donate_argnums=(0,))
+        rng = np.random.default_rng(0)
+        inputs = [jax.device_put(jax.tree_util.tree_map(
+            lambda p: (0.1 * rng.standard_normal(p.shape)).astype(np.float32), params["unet"]), state_sharding.params)
+            for _ in range(3)]
+
+        def update(state, grads):
+            return apply(state, grads), 0.0
+
+    def run(state, steps):
+        losses = []
+        for inputs_of_step in steps:
+            state, loss = update(state, inputs_of_step)
+            losses.append(loss)
+        return state, losses
+
+    state, first = run(state, inputs[:1])
+    saved = checkpoint.Checkpoints(str(tmp_path / "ckpt"))
+    saved.save(1, state, {"next_batch": 1}, {"version": 1})
+    saved.close()
+    straight, losses = run(state, inputs[1:])
+    abstract = jax.tree_util.tree_map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
+                                      jax.eval_shape(lambda: straight), state_sharding)
+    restored = checkpoint.Checkpoints(str(tmp_path / "ckpt"), read_only=True).restore_state(1, abstract)
+    assert int(restored.step) == 1
+    resumed, resumed_losses = run(restored, inputs[1:])
+    assert np.isfinite(first + losses).all() and resumed_losses == losses, (losses, resumed_losses)
+    want, got = jax.device_get(straight), jax.device_get(resumed)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), jax.tree_util.keystr(path)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(want))
+    start = np.asarray(params["unet"]["conv_in"]["kernel"])
+    assert np.abs(np.asarray(want.params["conv_in"]["kernel"]) - start).max() > 0  # the updates moved the weights
