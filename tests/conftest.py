@@ -42,7 +42,7 @@ FILE_SECONDS = {"test_demo.py": 180, "test_train.py": 330, "test_checkpoint.py":
                 "test_cli.py": 40, "test_lora.py": 40, "test_data.py": 35, "test_generate.py": 35, "test_unet.py": 35,
                 "test_clip.py": 30, "test_setup.py": 30,
                 "test_single_file.py": 20, "test_single_file_train.py": 70,
-                "test_kohya.py": 20}
+                "test_kohya.py": 20, "test_optimizers_sharded.py": 150, "test_train_options.py": 25}
 
 
 SLOW_FILE_SECONDS = 60  # files that take at least this long are marked slow: `make test-fast` leaves them out

@@ -324,7 +324,7 @@ def test_lion_is_the_papers_update():
         p = jax.tree_util.tree_map(lambda p_, c_: p_ - lr * (np.sign(c_) + 0.1 * p_), p, c)
         m = jax.tree_util.tree_map(lambda m_, g_: 0.99 * m_ + 0.01 * g_, m, g)
         for got, want in zip(jax.tree_util.tree_leaves(ours[index]), jax.tree_util.tree_leaves(p)):
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float32 against float64: measured <= 6e-8
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float32 against float64: measured <= 1.9e-7
 
 
 def test_adafactor_equals_transformers_adafactor():
@@ -353,7 +353,7 @@ def test_adafactor_equals_transformers_adafactor():
         torch_optimizer.param_groups[0]["lr"] = float(schedule(index))
         torch_optimizer.step()
         for parameter, (a, b) in zip(torch_params, names):
-            # measured <= 1.2e-7 (the lr is 1e-2 x the parameters' RMS, 0.5)
+            # measured <= 2.4e-7 (the updates move the weights by up to 2.7e-2)
             np.testing.assert_allclose(ours[index][a][b], parameter.detach().numpy(), rtol=0, atol=1e-6,
                                        err_msg=f"update {index + 1} {a}/{b}")
 
@@ -395,106 +395,3 @@ def test_optimizer_flag_resume_check_card_and_refusals():
         with pytest.raises(FlagError, match=f"--no_decay_bias_and_norm is for --optimizer adamw or lion: {name} {why}"):
             config_of(optimizer=name, no_decay_bias_and_norm=True)
     assert config_of(optimizer="lion", no_decay_bias_and_norm=True).optimizer.no_decay_bias_and_norm
-
-
-@pytest.fixture(scope="module")
-def tiny_step_parts(pipeline_dir, dataset_dir):
-    """The tiny pipeline's models and parameters, and three fixed global batches of 8."""
-    import os
-
-    import jax
-
-    from t2i_flax import data, family, tokenizer
-    from t2i_flax.config import DataConfig
-    from t2i_flax.diffusion.noise import load_noise_schedule
-
-    from conftest import RESOLUTION
-
-    kind = family.detect(pipeline_dir)
-    modules, params = kind.load(pipeline_dir, jax.numpy.float32)
-    loader = data.build_train_loader(DataConfig(train_data_dir=dataset_dir, resolution=RESOLUTION, center_crop=True),
-                                     tokenizer.load_tokenizer(os.path.join(pipeline_dir, "tokenizer")),
-                                     host_batch_size=8, seed=0)
-    batches = loader.iterator()
-    fixed = [next(batches) for _ in range(3)]
-    batches.close()
-    return kind, modules, params, load_noise_schedule(pipeline_dir), fixed
-
-
-@pytest.mark.parametrize("name,full_step", [("prodigy", True), ("adafactor", False), ("lion", False)])
-def test_each_optimizer_trains_sharded_and_resumes_exactly(tiny_step_parts, tmp_path, name, full_step):
-    """On a 2 x 4 mesh (data x fsdp), the optimizer's state sharded by the partition table (a kernel's moments as the
-    kernel), with EMA, a warmup schedule and clipping: a checkpoint after update 1 (Orbax, the trainer's Checkpoints),
-    restored, then updates 2-3: every array of the state bit for bit that of the uninterrupted run.
-    Prodigy (the largest state: moments, gradient sums, the initial weights, scalar estimates) runs the trainer's
-    whole jitted step (state donated), with this issue's other step options, and its losses must agree too; for
-    Adafactor and Lion the step's optimizer half (`step.apply_gradients`, what the optimizer changes in the program)
-    is jitted with the same shardings and fed fixed gradients, which spares the suite two UNet compiles."""
-    import jax
-    import numpy as np
-
-    from t2i_flax import checkpoint, optim, sharding, step
-    from t2i_flax.diffusion.timestep_bias import TimestepBias
-
-    kind, modules, params, schedule, batches = tiny_step_parts
-    lr = optim.learning_rate_schedule("constant_with_warmup", 1.0 if name == "prodigy" else 1e-3, 1, 10)
-    config = step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder, family=kind,
-                             noise_schedule=schedule, learning_rate=lr, use_ema=True, ema_decay=0.9,
-                             optimizer=optim.make_optimizer(lr, max_grad_norm=0.5, name=name, warmup=True),
-                             input_perturbation=0.1, timestep_bias=TimestepBias("later", 2.0))
-    mesh = sharding.make_mesh(4)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
-    state, state_sharding = step.create_state(config, mesh, params["unet"], seed=0)
-
-    kernel_spec = jax.sharding.PartitionSpec(None, None, None, "fsdp")
-    shaped_like_conv_in = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
-                           if jax.tree_util.keystr(path).endswith("['conv_in']['kernel']")
-                           and leaf.shape == state.params["conv_in"]["kernel"].shape]
-    assert shaped_like_conv_in and all(leaf.sharding.spec == kernel_spec for leaf in shaped_like_conv_in)
-
-    if full_step:
-        frozen = step.frozen_params(params["vae"], params["text_encoder"])
-        frozen_sharding = sharding.tree_shardings(mesh, frozen)
-        frozen = jax.device_put(frozen, frozen_sharding)
-        train_step = step.compile_train_step(config, mesh, state_sharding, frozen_sharding)
-        inputs = [sharding.global_batch(mesh, batch) for batch in batches]
-
-        def update(state, batch):
-            state, metrics = train_step(state, frozen, batch)
-            return state, float(metrics["loss"])
-    else:
-        apply = jax.jit(lambda state, grads: step.apply_gradients(config, state, grads),
-                        in_shardings=(state_sharding, state_sharding.params), out_shardings=state_sharding,
-                        donate_argnums=(0,))
-        rng = np.random.default_rng(0)
-        inputs = [jax.device_put(jax.tree_util.tree_map(
-            lambda p: (0.1 * rng.standard_normal(p.shape)).astype(np.float32), params["unet"]), state_sharding.params)
-            for _ in range(3)]
-
-        def update(state, grads):
-            return apply(state, grads), 0.0
-
-    def run(state, steps):
-        losses = []
-        for inputs_of_step in steps:
-            state, loss = update(state, inputs_of_step)
-            losses.append(loss)
-        return state, losses
-
-    state, first = run(state, inputs[:1])
-    saved = checkpoint.Checkpoints(str(tmp_path / "ckpt"))
-    saved.save(1, state, {"next_batch": 1}, {"version": 1})
-    saved.close()
-    straight, losses = run(state, inputs[1:])
-    abstract = jax.tree_util.tree_map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
-                                      jax.eval_shape(lambda: straight), state_sharding)
-    restored = checkpoint.Checkpoints(str(tmp_path / "ckpt"), read_only=True).restore_state(1, abstract)
-    assert int(restored.step) == 1
-    resumed, resumed_losses = run(restored, inputs[1:])
-    assert np.isfinite(first + losses).all() and resumed_losses == losses, (losses, resumed_losses)
-    want, got = jax.device_get(straight), jax.device_get(resumed)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(got)):
-        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), jax.tree_util.keystr(path)
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(want))
-    start = np.asarray(params["unet"]["conv_in"]["kernel"])
-    assert np.abs(np.asarray(want.params["conv_in"]["kernel"]) - start).max() > 0  # the updates moved the weights

@@ -129,6 +129,7 @@ def train_step_report(setup, size: tuple[int, int] | None = None) -> dict:
             padded["argument_bytes"] = sum(padded.values())
         result["padded"] = padded
     result["trained_params"] = param_count(state.params)
+    result["optimizer"] = setup.config.optimizer.optimizer
     return result
 
 
