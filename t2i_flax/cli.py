@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="Do not apply weight decay to biases and norm scales (the reference scripts decay everything).")
     a("--mixed_precision", type=str, default="no", help="no | bf16 (compute dtype; weights stay float32). fp16: see README.")
     a("--prediction_type", type=str, default=None, help="epsilon | v_prediction; default: the model's scheduler config.")
+    a("--rescale_betas_zero_snr", action="store_true",
+      help="Zero terminal SNR (Lin et al. 2023): train on the rescaled schedule (needs v_prediction); the export's "
+           "scheduler config says so, with trailing timesteps.")
     a("--noise_offset", type=float, default=0.0)
     a("--input_perturbation", type=float, default=0.0,
       help="Noise the UNet's input with noise + this x fresh noise; the target stays the noise (0: off; 0.1 is usual).")

@@ -64,6 +64,7 @@ class ModelConfig:
     cache_dir: str | None = None            # Hub and datasets cache
     mixed_precision: str = "no"             # compute dtype; parameters stay float32
     prediction_type: str | None = None      # None: the model's scheduler config
+    rescale_betas_zero_snr: bool = False    # zero terminal SNR: the schedule rescaled (and its export, trailing)
     attention: str | None = None            # dot_product_attention implementation
     pretrained_vae_model_name_or_path: str | None = None  # a VAE (folder or Hub id) replacing the pipeline's
     single_file_config: str | None = None   # a single-file base model's configs/tokenizers (folder or Hub id)

@@ -13,7 +13,9 @@ def settings_table(config, plan, trainable) -> dict:
             f"{optimizer.lr_warmup_steps} warmup steps)", **optimizer_settings(optimizer),
             "max grad norm": optimizer.max_grad_norm, "mixed precision": config.model.mixed_precision,
             "EMA": f"decay {config.train.ema_decay}" if config.train.use_ema else "no",
-            "noise offset": config.train.noise_offset, **noise_settings(config.train), "seed": config.train.seed,
+            "noise offset": config.train.noise_offset, **noise_settings(config.train),
+            **({"zero terminal SNR": "yes (rescaled betas, trailing timesteps)"} if config.model.rescale_betas_zero_snr
+               else {}), "seed": config.train.seed,
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
             "resize filter": config.data.image_interpolation_mode, **caption_settings(config.data),

@@ -21,7 +21,8 @@ import numpy as np
 from t2i_flax import family as families
 from t2i_flax import optim, sharding, step, trainable
 from t2i_flax.config import RunConfig
-from t2i_flax.diffusion.noise import NoiseSchedule, read_scheduler_config, schedule_from_config
+from t2i_flax.diffusion.noise import (NoiseSchedule, read_scheduler_config, schedule_from_config,
+                                      zero_terminal_snr_config)
 from t2i_flax.diffusion.timestep_bias import TimestepBias
 from t2i_flax.errors import FlagError
 
@@ -98,6 +99,8 @@ def read_base_model(model_dir: str, model_config=None) -> BaseModel:
     checked too (before any data is read)."""
     family = families.detect(model_dir)  # first: a folder of another kind is named as such
     scheduler_config = read_scheduler_config(model_dir)
+    if getattr(model_config, "rescale_betas_zero_snr", False):  # trains, validates and exports with it
+        scheduler_config = zero_terminal_snr_config(scheduler_config)
     vae_dir = getattr(model_config, "pretrained_vae_model_name_or_path", None)
     base = BaseModel(model_dir, family, scheduler_config, family.tokenizers(model_dir), vae_dir)
     if model_config is not None:

@@ -123,3 +123,21 @@ def test_aot_reports_the_optimizers_state(pipeline_dir):
     assert result["train_step"]["optimizer"] == "lion"
     assert shapes["params_bytes"] < shapes["opt_state_bytes"] <= shapes["params_bytes"] + 2 * 4
     assert f"params {report._size(shapes['params_bytes'])} + Lion " in report.report_text(result)
+
+
+def test_rescale_betas_zero_snr_is_the_scheduler_config_the_run_uses(pipeline_dir):
+    """--rescale_betas_zero_snr: the base model's scheduler config as the run trains, validates and exports with it
+    (here for the tiny pipeline this file already has; the math is in test_train_options.py)."""
+    import json
+    import os
+
+    from t2i_flax import setup
+    from t2i_flax.config import RunConfig
+
+    flags = {"pretrained_model_name_or_path": pipeline_dir, "dataset_name": "d"}
+    with open(os.path.join(pipeline_dir, "scheduler", "scheduler_config.json")) as handle:
+        on_disk = json.load(handle)
+    zero_snr = RunConfig.from_flags(dict(flags, rescale_betas_zero_snr=True, prediction_type="v_prediction")).model
+    assert setup.read_base_model(pipeline_dir, zero_snr).scheduler_config == dict(
+        on_disk, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    assert setup.read_base_model(pipeline_dir, RunConfig.from_flags(flags).model).scheduler_config == on_disk

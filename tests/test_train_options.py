@@ -395,3 +395,58 @@ def test_optimizer_flag_resume_check_card_and_refusals():
         with pytest.raises(FlagError, match=f"--no_decay_bias_and_norm is for --optimizer adamw or lion: {name} {why}"):
             config_of(optimizer=name, no_decay_bias_and_norm=True)
     assert config_of(optimizer="lion", no_decay_bias_and_norm=True).optimizer.no_decay_bias_and_norm
+
+
+# ---- --rescale_betas_zero_snr ---------------------------------------------------------------------------------
+
+ZERO_SNR_BASE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+
+
+def test_zero_terminal_snr_training_schedule_equals_diffusers_ddpm():
+    """The rescale against diffusers' rescale_zero_terminal_snr, and the training math (add_noise, the velocity
+    target) against DDPMScheduler(rescale_betas_zero_snr=True), the last timestep included: there alphas_cumprod is
+    exactly 0, the input pure noise and the target -x_0."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    from t2i_flax.diffusion import noise
+
+    config = noise.zero_terminal_snr_config(ZERO_SNR_BASE)
+    betas = noise.betas_for(config)
+    # float32; measured 5.4e-7 (torch's vectorised sqrt is 1 ulp off on a few entries)
+    np.testing.assert_allclose(noise.rescale_zero_terminal_snr(betas),
+                               rescale_zero_terminal_snr(torch.tensor(betas)).numpy(), rtol=0, atol=2e-6)
+    schedule = noise.schedule_from_config(config)
+    reference = DDPMScheduler.from_config(config)
+    assert schedule.alphas_cumprod[-1] == 0.0 == float(reference.alphas_cumprod[-1])
+    np.testing.assert_allclose(schedule.alphas_cumprod, reference.alphas_cumprod.numpy(), rtol=0, atol=1e-6)  # 2.1e-7
+    rng = np.random.default_rng(0)
+    latents, eps = (rng.standard_normal((5, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    timesteps = np.array([999, 998, 500, 1, 0])
+    args = [torch.tensor(latents), torch.tensor(eps), torch.tensor(timesteps)]
+    noisy = np.asarray(schedule.add_noise(latents, eps, timesteps))
+    np.testing.assert_allclose(noisy, reference.add_noise(*args).numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(noisy[0], eps[0])  # the last timestep: pure noise
+    target = np.asarray(schedule.target(latents, eps, timesteps))
+    np.testing.assert_allclose(target, reference.get_velocity(*args).numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(target[0], -latents[0])
+
+
+def test_zero_terminal_snr_flag_config_resume_card_and_epsilon_refusal():
+    from t2i_flax.diffusion import noise
+    from t2i_flax.errors import ModelError
+
+    args = cli.build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d",
+                                          "--rescale_betas_zero_snr"])
+    assert args.rescale_betas_zero_snr
+    config = config_of(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert_checked_on_resume(config_of(rescale_betas_zero_snr=True), ["--rescale_betas_zero_snr"])
+    assert card_of(config)["zero terminal SNR"] == "yes (rescaled betas, trailing timesteps)"
+    assert "zero terminal SNR" not in card_of(config_of())
+    with pytest.raises(ModelError, match="needs v-prediction.*--prediction_type v_prediction"):
+        noise.schedule_from_config(dict(ZERO_SNR_BASE, rescale_betas_zero_snr=True), "epsilon")
+    # a model whose own config has it (refused before) trains with it
+    assert noise.schedule_from_config(dict(ZERO_SNR_BASE, rescale_betas_zero_snr=True)).alphas_cumprod[-1] == 0.0
