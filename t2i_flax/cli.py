@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="ddim | pndm | euler | dpm++2m (default: the model's scheduler).")
     a("--validation_num_inference_steps", type=int, default=20)
     a("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance (<= 1: off).")
+    a("--validation_guidance_rescale", type=float, default=0.0,
+      help="0 to 1: diffusers' guidance_rescale for the validation images (0.7 with zero terminal SNR; 0: off).")
     a("--validation_height", type=int, default=None, help="Validation images' height (default --resolution).")
     a("--validation_width", type=int, default=None, help="Validation images' width (default --resolution).")
     # LoRA

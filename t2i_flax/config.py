@@ -351,11 +351,13 @@ class ValidationConfig:
     validation_scheduler: str | None = None  # default: the model's own scheduler
     validation_num_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
+    validation_guidance_rescale: float = 0.0  # diffusers' guidance_rescale (rescale_noise_cfg); 0: off
     validation_height: int | None = None    # default --resolution
     validation_width: int | None = None
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"validation_prompts", "validation_epochs", "validation_steps",
                                                  "num_validation_images", "validation_scheduler",
                                                  "validation_num_inference_steps", "validation_guidance_scale",
+                                                 "validation_guidance_rescale",
                                                  "validation_height", "validation_width"})
 
     def __post_init__(self):
@@ -368,6 +370,9 @@ class ValidationConfig:
         _one_of("validation_scheduler", self.validation_scheduler, (None,) + SAMPLERS)
         if not self.validation_guidance_scale >= 0:
             raise FlagError(f"--validation_guidance_scale must be >= 0 (got {self.validation_guidance_scale})")
+        if not 0.0 <= self.validation_guidance_rescale <= 1.0:
+            raise FlagError(f"--validation_guidance_rescale must be between 0 and 1 "
+                            f"(got {self.validation_guidance_rescale})")
 
     def size(self, resolution: int) -> tuple[int, int]:
         """(height, width) of the validation images."""

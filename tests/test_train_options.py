@@ -450,3 +450,37 @@ def test_zero_terminal_snr_flag_config_resume_card_and_epsilon_refusal():
         noise.schedule_from_config(dict(ZERO_SNR_BASE, rescale_betas_zero_snr=True), "epsilon")
     # a model whose own config has it (refused before) trains with it
     assert noise.schedule_from_config(dict(ZERO_SNR_BASE, rescale_betas_zero_snr=True)).alphas_cumprod[-1] == 0.0
+
+
+# ---- --guidance_rescale (generate) / --validation_guidance_rescale ----------------------------------------------
+
+
+def test_rescale_noise_cfg_equals_diffusers():
+    """Our rescale against diffusers' rescale_noise_cfg (torch's unbiased std per sample) at 0, 0.7 and 1; the
+    sampler's parity with diffusers' pipeline is in test_sample.py."""
+    import numpy as np
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as reference
+
+    from t2i_flax.diffusion.sample import rescale_noise_cfg
+
+    rng = np.random.default_rng(0)
+    uncond, text = rng.standard_normal((2, 3, 4, 8, 8)).astype(np.float32) * np.float32([[[[[1.0]]]], [[[[2.0]]]]])
+    guided = uncond + 7.5 * (text - uncond)
+    for rescale in (0.0, 0.7, 1.0):
+        want = reference(torch.tensor(guided), torch.tensor(text), guidance_rescale=rescale).numpy()
+        np.testing.assert_allclose(np.asarray(rescale_noise_cfg(guided, text, rescale)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_guidance_rescale_flags():
+    from t2i_flax import generate
+
+    args = generate.build_parser().parse_args(["--model", "m", "--prompt", "p", "--out", "o"])
+    assert args.guidance_rescale == 0.0
+    with pytest.raises(FlagError, match="--guidance_rescale must be between 0 and 1"):
+        generate.check_guidance_rescale(1.5)
+    config = config_of(validation_guidance_rescale=0.7)
+    assert config.validation.validation_guidance_rescale == 0.7
+    assert config.resume_differences(config_of().to_dict()) == []  # a validation setting: may change
+    with pytest.raises(FlagError, match="--validation_guidance_rescale must be between 0 and 1"):
+        config_of(validation_guidance_rescale=-0.1)
