@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep.")
     a("--timestep_bias_end", type=int, default=1000, help="range: the biased timesteps stop before this one.")
     a("--timestep_bias_portion", type=float, default=0.25, help="earlier / later: the fraction of timesteps biased.")
+    a("--dream_training", action="store_true",
+      help="DREAM (train_text_to_image.py's): one more UNet forward without gradients adjusts the noised input and "
+           "the target (epsilon prediction only).")
+    a("--dream_detail_preservation", type=float, default=1.0, help="DREAM's p (> 0): lambda = sqrt(1 - alpha_t)^p.")
     a("--use_ema", action="store_true", help="Keep an EMA of the UNet; the export uses it.")
     a("--ema_decay", type=float, default=0.9999)
     # logging and hub

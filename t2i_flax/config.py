@@ -227,6 +227,8 @@ class TrainConfig:
     timestep_bias_begin: int = 0            # range: the first biased timestep
     timestep_bias_end: int = 1000           # range: the biased timesteps stop before this one
     timestep_bias_portion: float = 0.25     # earlier / later: the fraction of the timesteps biased
+    dream_training: bool = False            # DREAM: one more UNet forward (no gradients) moves input and target
+    dream_detail_preservation: float = 1.0  # DREAM's p: lambda = sqrt(1 - alpha_t)^p
     use_ema: bool = False
     ema_decay: float = 0.9999
     # The global batch must stay the same on resume (checked on the resolved plan), not the per-device one.
@@ -236,6 +238,8 @@ class TrainConfig:
         _positive(self, "train_batch_size", "num_train_epochs", "max_train_steps")
         _non_negative(self, "noise_offset", "input_perturbation")
         _one_of("timestep_bias_strategy", self.timestep_bias_strategy, TIMESTEP_BIAS_STRATEGIES)
+        if self.dream_training and not self.dream_detail_preservation > 0:
+            raise FlagError(f"--dream_detail_preservation must be positive (got {self.dream_detail_preservation})")
         if self.timestep_bias_strategy != "none":
             if not self.timestep_bias_multiplier > 0:
                 raise FlagError(f"--timestep_bias_multiplier must be positive (got {self.timestep_bias_multiplier}); "

@@ -41,6 +41,8 @@ def noise_settings(train) -> dict:
     from t2i_flax.diffusion.timestep_bias import TimestepBias
 
     rows = {"input perturbation": train.input_perturbation} if train.input_perturbation else {}
+    if train.dream_training:
+        rows["DREAM"] = f"detail preservation {train.dream_detail_preservation:g}"
     bias = TimestepBias.from_config(train)
     if bias is not None:
         rows["timestep bias"] = bias.describe()

@@ -218,7 +218,10 @@ def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, n
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
                            noise_offset=config.train.noise_offset,
                            input_perturbation=config.train.input_perturbation,
-                           timestep_bias=TimestepBias.from_config(config.train), trainable=trained, family=family,
+                           timestep_bias=TimestepBias.from_config(config.train),
+                           dream_detail_preservation=(config.train.dream_detail_preservation
+                                                      if config.train.dream_training else None),
+                           trainable=trained, family=family,
                            text_encoder_2=modules.text_encoder_2)
 
 
@@ -242,6 +245,9 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
                         f"(its VAE and UNet downsample the images {multiple} times)")
     trained = trainable.from_config(config)
     step_config = make_step_config(config, plan, modules, noise_schedule, trained, base.family)
+    if config.train.dream_training and noise_schedule.prediction_type != "epsilon":
+        raise FlagError("--dream_training is for epsilon prediction (as diffusers' compute_dream_and_update_latents); "
+                        f"this run predicts {noise_schedule.prediction_type}")
     if step_config.timestep_bias is not None:
         step_config.timestep_bias.check(noise_schedule.num_train_timesteps)
     abstract_state, state_sharding = step.state_shardings(step_config, mesh, trained.abstract_params(modules.unet),

@@ -54,6 +54,8 @@ class StepConfig:
     # --timestep_bias_*: a TimestepBias (t2i_flax/diffusion/timestep_bias.py) whose weights the timesteps are drawn
     # from (categorical); None draws them uniformly, as before.
     timestep_bias: Any = None
+    # --dream_training: DREAM's detail preservation p (None: off); one more UNet forward without gradients.
+    dream_detail_preservation: float | None = None
     # What the trained params are (t2i_flax/trainable.py): the UNet's own, or LoRA adapters on frozen["unet"].
     trainable: Any = FULL_UNET
     family: Any = STABLE_DIFFUSION  # how the UNet is conditioned on the batch's captions (t2i_flax/family.py)
@@ -181,9 +183,26 @@ def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hi
     else:
         noisy_latents = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
+    if config.dream_detail_preservation is not None:
+        noisy_latents, target = dream_latents_and_target(config, params, frozen, noisy_latents, target, noise,
+                                                         timesteps, encoder_hidden_states, randomness["dropout_key"],
+                                                         added_cond_kwargs)
     prediction = predict(config, params, frozen, noisy_latents, timesteps, encoder_hidden_states,
                          randomness["dropout_key"], added_cond_kwargs)
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def dream_latents_and_target(config: StepConfig, params, frozen: dict, noisy_latents, target, noise, timesteps,
+                             encoder_hidden_states, dropout_key, added_cond_kwargs=None):
+    """DREAM (Zhou et al. 2024), as diffusers' compute_dream_and_update_latents (epsilon prediction): the UNet's own
+    prediction on the noised latents, without gradients, moves both the input and the target towards what it
+    predicted: delta = sqrt(1 - a_t)^p (noise - prediction); input + sqrt(1 - a_t) delta, target + delta."""
+    alphas_cumprod = jnp.asarray(config.noise_schedule.alphas_cumprod)[timesteps].reshape(-1, 1, 1, 1)
+    sqrt_one_minus = jnp.sqrt(1.0 - alphas_cumprod)
+    predicted_noise = jax.lax.stop_gradient(predict(config, params, frozen, noisy_latents, timesteps,
+                                                    encoder_hidden_states, dropout_key, added_cond_kwargs))
+    delta = (noise - predicted_noise.astype(jnp.float32)) * sqrt_one_minus ** config.dream_detail_preservation
+    return (noisy_latents + (sqrt_one_minus * delta).astype(noisy_latents.dtype)), target + delta
 
 
 def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):

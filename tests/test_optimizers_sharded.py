@@ -141,3 +141,34 @@ def test_rescale_betas_zero_snr_is_the_scheduler_config_the_run_uses(pipeline_di
     assert setup.read_base_model(pipeline_dir, zero_snr).scheduler_config == dict(
         on_disk, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     assert setup.read_base_model(pipeline_dir, RunConfig.from_flags(flags).model).scheduler_config == on_disk
+
+
+def test_the_setup_takes_the_step_options_and_refuses_what_the_reference_does_not_do(pipeline_dir):
+    """The trainer's (and aot's) abstract setup of the tiny pipeline, no compile: the step options arrive in the step's
+    config; DREAM with v-prediction and zero terminal SNR with epsilon are one-line refusals."""
+    import jax
+
+    from t2i_flax import cli
+    from t2i_flax.aot.cli import build_setup
+    from t2i_flax.errors import FlagError, ModelError
+
+    def setup_of(*flags):
+        config = cli.parse_config(["--pretrained_model_name_or_path", pipeline_dir, "--dataset_name", "d",
+                                   "--resolution", "32", "--train_batch_size", "1", *flags])
+        return build_setup(config, jax.devices())
+
+    built = setup_of("--dream_training", "--dream_detail_preservation", "0.5", "--input_perturbation", "0.1",
+                     "--timestep_bias_strategy", "earlier", "--timestep_bias_multiplier", "2", "--optimizer", "lion")
+    step_config = built.step_config
+    assert (step_config.dream_detail_preservation, step_config.input_perturbation) == (0.5, 0.1)
+    assert step_config.timestep_bias.biased(1000) == (0, 250)
+    assert setup_of().step_config.dream_detail_preservation is None
+    with pytest.raises(FlagError, match="--dream_training is for epsilon prediction"):
+        setup_of("--dream_training", "--prediction_type", "v_prediction")
+    with pytest.raises(ModelError, match="needs v-prediction"):
+        setup_of("--rescale_betas_zero_snr")
+    zero_snr = setup_of("--rescale_betas_zero_snr", "--prediction_type", "v_prediction")
+    assert zero_snr.noise_schedule.alphas_cumprod[-1] == 0.0
+    assert zero_snr.sampling_scheduler_config["timestep_spacing"] == "trailing"
+    with pytest.raises(FlagError, match="--timestep_bias_end 2000 is past this model's 1000 training timesteps"):
+        setup_of("--timestep_bias_strategy", "range", "--timestep_bias_end", "2000")

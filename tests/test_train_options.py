@@ -484,3 +484,19 @@ def test_guidance_rescale_flags():
     assert config.resume_differences(config_of().to_dict()) == []  # a validation setting: may change
     with pytest.raises(FlagError, match="--validation_guidance_rescale must be between 0 and 1"):
         config_of(validation_guidance_rescale=-0.1)
+
+
+# ---- --dream_training ------------------------------------------------------------------------------------------
+
+
+def test_dream_flags_resume_check_card_and_refusal():
+    """DREAM's math is checked against diffusers' compute_dream_and_update_latents in test_step_vs_torch.py; its
+    v-prediction refusal in test_optimizers_sharded.py (it needs the model's prediction type)."""
+    args = cli.build_parser().parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    assert (args.dream_training, args.dream_detail_preservation) == (False, 1.0)  # the script's defaults
+    config = config_of(dream_training=True, dream_detail_preservation=0.5)
+    assert_checked_on_resume(config, ["--dream_training", "--dream_detail_preservation"])
+    assert card_of(config)["DREAM"] == "detail preservation 0.5"
+    assert "DREAM" not in card_of(config_of())
+    with pytest.raises(FlagError, match="--dream_detail_preservation must be positive"):
+        config_of(dream_training=True, dream_detail_preservation=0.0)
