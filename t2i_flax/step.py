@@ -5,7 +5,8 @@
 VAE encode -> posterior sample x scaling_factor -> noise (+ offset) and timesteps -> add_noise ->
 the frozen text encoders' conditioning (the model family's: SD's CLIP last hidden state; SDXL's two penultimate
 states, pooled embedding and time ids) -> UNet -> float32 MSE against the config's target (noise or velocity)
--> clip + the optimizer (AdamW by default) -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over constants.
+-> clip + the optimizer (AdamW by default) -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over
+constants.
 
 The pieces (`draw_randomness`, `encode_latents`, `conditioning`, `diffusion_loss`, `loss_and_grads`,
 `apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math."""
@@ -49,7 +50,7 @@ class StepConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     noise_offset: float = 0.0
-    # --input_perturbation gamma: the UNet's input is noised with noise + gamma x fresh noise; the target keeps the noise.
+    # --input_perturbation gamma: the UNet's input is noised with noise + gamma x fresh noise; the target: the noise.
     input_perturbation: float = 0.0
     # --timestep_bias_*: a TimestepBias (t2i_flax/diffusion/timestep_bias.py) whose weights the timesteps are drawn
     # from (categorical); None draws them uniformly, as before.
@@ -178,8 +179,8 @@ def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hi
     if config.noise_offset:  # a per-sample, per-channel constant shift (the PyTorch script's --noise_offset)
         noise = noise + config.noise_offset * randomness["offset_noise"]
     if config.input_perturbation:  # train_text_to_image.py's: only the input is perturbed, the target is `noise`
-        noisy_latents = schedule.add_noise(latents, noise + config.input_perturbation * randomness["perturbation_noise"],
-                                           timesteps)
+        perturbed = noise + config.input_perturbation * randomness["perturbation_noise"]
+        noisy_latents = schedule.add_noise(latents, perturbed, timesteps)
     else:
         noisy_latents = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
