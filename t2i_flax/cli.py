@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train_batch_size", type=int, default=16, help="Per device.")
     a("--num_train_epochs", type=int, default=100)
     a("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    a("--optimizer", type=str, default="adamw",
+      help="adamw | adafactor | lion | prodigy (optax's; which flags each reads: README). Prodigy estimates its step "
+           "size: give it --learning_rate 1.0. Lion wants an lr 3-10x smaller than AdamW's.")
     a("--learning_rate", type=float, default=1e-4)
     a("--scale_lr", action="store_true", help="learning_rate x train_batch_size x device count.")
     a("--lr_scheduler", type=str, default="constant", help=", ".join(SCHEDULES))
@@ -101,13 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
       help="Do not apply weight decay to biases and norm scales (the reference scripts decay everything).")
     a("--mixed_precision", type=str, default="no", help="no | bf16 (compute dtype; weights stay float32). fp16: see README.")
     a("--prediction_type", type=str, default=None, help="epsilon | v_prediction; default: the model's scheduler config.")
+    a("--rescale_betas_zero_snr", action="store_true",
+      help="Zero terminal SNR (Lin et al. 2023): train on the rescaled schedule (needs v_prediction); the export's "
+           "scheduler config says so, with trailing timesteps.")
     a("--noise_offset", type=float, default=0.0)
+    a("--input_perturbation", type=float, default=0.0,
+      help="Noise the UNet's input with noise + this x fresh noise; the target stays the noise (0: off; 0.1 is usual).")
+    a("--timestep_bias_strategy", type=str, default="none",
+      help="earlier | later | range | none: draw the training timesteps more often (multiplier > 1) or less often "
+           "(< 1) in the first or last --timestep_bias_portion of them, or in [--timestep_bias_begin, _end).")
+    a("--timestep_bias_multiplier", type=float, default=1.0, help="The weight of the biased timesteps (others: 1).")
+    a("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep.")
+    a("--timestep_bias_end", type=int, default=1000, help="range: the biased timesteps stop before this one.")
+    a("--timestep_bias_portion", type=float, default=0.25, help="earlier / later: the fraction of timesteps biased.")
+    a("--dream_training", action="store_true",
+      help="DREAM (train_text_to_image.py's): one more UNet forward without gradients adjusts the noised input and "
+           "the target (epsilon prediction only).")
+    a("--dream_detail_preservation", type=float, default=1.0, help="DREAM's p (> 0): lambda = sqrt(1 - alpha_t)^p.")
     a("--use_ema", action="store_true", help="Keep an EMA of the UNet; the export uses it.")
     a("--ema_decay", type=float, default=0.9999)
     # logging and hub
     a("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     a("--report_to", type=str, default="tensorboard", help="tensorboard | wandb | all | none")
     a("--log_every", type=int, default=10, help="Steps between logged (averaged) metrics.")
+    a("--tracker_project_name", type=str, default=None,
+      help="wandb's project, and TensorBoard's run folder under --logging_dir, as accelerate's trackers use it "
+           "(default: wandb project t2i_flax, TensorBoard in --logging_dir itself).")
     # checkpoints
     a("--checkpointing_steps", type=int, default=500,
       help="Save a checkpoint every N steps (and always at the last step); 0: only at the last step.")
@@ -126,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="ddim | pndm | euler | dpm++2m (default: the model's scheduler).")
     a("--validation_num_inference_steps", type=int, default=20)
     a("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance (<= 1: off).")
+    a("--validation_guidance_rescale", type=float, default=0.0,
+      help="0 to 1: diffusers' guidance_rescale for the validation images (0.7 with zero terminal SNR; 0: off).")
     a("--validation_height", type=int, default=None, help="Validation images' height (default --resolution).")
     a("--validation_width", type=int, default=None, help="Validation images' width (default --resolution).")
     # LoRA

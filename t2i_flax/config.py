@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from t2i_flax.errors import FlagError
 
+OPTIMIZERS = ("adamw", "adafactor", "lion", "prodigy")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 POLYNOMIAL_END_LR = 1e-7
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -27,6 +28,7 @@ DEFAULT_INTERPOLATION = "lanczos"
 # before --image_interpolation_mode resized with bilinear.
 BEFORE_THE_FLAG = {"image_interpolation_mode": "bilinear"}
 SECRET_FIELDS = ("hub_token",)
+TIMESTEP_BIAS_STRATEGIES = ("earlier", "later", "range", "none")  # train_text_to_image_sdxl.py's
 # Compared as real paths on resume when they name existing local folders (or single files).
 PATH_FIELDS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir",
                "single_file_config")
@@ -62,6 +64,7 @@ class ModelConfig:
     cache_dir: str | None = None            # Hub and datasets cache
     mixed_precision: str = "no"             # compute dtype; parameters stay float32
     prediction_type: str | None = None      # None: the model's scheduler config
+    rescale_betas_zero_snr: bool = False    # zero terminal SNR: the schedule rescaled (and its export, trailing)
     attention: str | None = None            # dot_product_attention implementation
     pretrained_vae_model_name_or_path: str | None = None  # a VAE (folder or Hub id) replacing the pipeline's
     single_file_config: str | None = None   # a single-file base model's configs/tokenizers (folder or Hub id)
@@ -176,7 +179,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """clip_by_global_norm, then AdamW with a diffusers learning-rate schedule."""
+    """clip_by_global_norm, then the optimizer (AdamW by default) with a diffusers learning-rate schedule."""
+    optimizer: str = "adamw"                # adamw | adafactor | lion | prodigy (optax's; t2i_flax/optim.py)
     learning_rate: float = 1e-4
     scale_lr: bool = False
     lr_scheduler: str = "constant"
@@ -196,8 +200,17 @@ class OptimizerConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FlagError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
         _one_of("lr_scheduler", self.lr_scheduler, SCHEDULES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        if self.no_decay_bias_and_norm and self.optimizer not in ("adamw", "lion"):
+            raise FlagError(f"--no_decay_bias_and_norm is for --optimizer adamw or lion: {self.optimizer} "
+                            f"{'has no weight decay' if self.optimizer == 'adafactor' else 'decays every parameter'}")
         if self.lr_scheduler == "polynomial" and not self.learning_rate > POLYNOMIAL_END_LR:
             raise FlagError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}: --learning_rate must be larger")
+
+    @property
+    def warmup(self) -> bool:
+        """Whether the first update's learning rate is 0 (a warmup schedule with warmup steps, or lr 0)."""
+        return self.learning_rate == 0 or (self.lr_scheduler != "constant" and self.lr_warmup_steps > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +221,14 @@ class TrainConfig:
     num_train_epochs: int = 100
     max_train_steps: int | None = None
     noise_offset: float = 0.0
+    input_perturbation: float = 0.0         # the UNet's input noised with noise + gamma x fresh noise (target: noise)
+    timestep_bias_strategy: str = "none"    # earlier | later | range | none: timesteps drawn from biased weights
+    timestep_bias_multiplier: float = 1.0   # the weight of the biased timesteps (the others' is 1)
+    timestep_bias_begin: int = 0            # range: the first biased timestep
+    timestep_bias_end: int = 1000           # range: the biased timesteps stop before this one
+    timestep_bias_portion: float = 0.25     # earlier / later: the fraction of the timesteps biased
+    dream_training: bool = False            # DREAM: one more UNet forward (no gradients) moves input and target
+    dream_detail_preservation: float = 1.0  # DREAM's p: lambda = sqrt(1 - alpha_t)^p
     use_ema: bool = False
     ema_decay: float = 0.9999
     # The global batch must stay the same on resume (checked on the resolved plan), not the per-device one.
@@ -215,7 +236,19 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "train_batch_size", "num_train_epochs", "max_train_steps")
-        _non_negative(self, "noise_offset")
+        _non_negative(self, "noise_offset", "input_perturbation")
+        _one_of("timestep_bias_strategy", self.timestep_bias_strategy, TIMESTEP_BIAS_STRATEGIES)
+        if self.dream_training and not self.dream_detail_preservation > 0:
+            raise FlagError(f"--dream_detail_preservation must be positive (got {self.dream_detail_preservation})")
+        if self.timestep_bias_strategy != "none":
+            if not self.timestep_bias_multiplier > 0:
+                raise FlagError(f"--timestep_bias_multiplier must be positive (got {self.timestep_bias_multiplier}); "
+                                f"to turn the bias off use --timestep_bias_strategy none")
+            if not 0.0 <= self.timestep_bias_portion <= 1.0:
+                raise FlagError(f"--timestep_bias_portion {self.timestep_bias_portion} must be between 0 and 1")
+            if self.timestep_bias_strategy == "range" and not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+                raise FlagError(f"--timestep_bias_begin {self.timestep_bias_begin} and --timestep_bias_end "
+                                f"{self.timestep_bias_end} must satisfy 0 <= begin < end")
         if not 0.0 < self.ema_decay <= 1.0:
             raise FlagError(f"--ema_decay must be in (0, 1] (got {self.ema_decay})")
 
@@ -227,16 +260,22 @@ class OutputConfig:
     logging_dir: str = "logs"               # relative to output_dir
     report_to: str = "tensorboard"
     log_every: int = 10
+    tracker_project_name: str | None = None  # wandb's project and TensorBoard's run folder (None: t2i_flax, logs/)
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None            # never saved or printed
     export_single_file: bool = False        # also <output_dir>/<name>.safetensors in the original SD layout
     export_dtype: str | None = None         # its dtype: float16 (None), bfloat16, float32
-    MAY_CHANGE: ClassVar[frozenset] = frozenset({"output_dir", "logging_dir", "report_to", "log_every", "push_to_hub",
+    MAY_CHANGE: ClassVar[frozenset] = frozenset({"output_dir", "logging_dir", "report_to", "log_every",
+                                                 "tracker_project_name", "push_to_hub",
                                                  "hub_model_id", "hub_token", "export_single_file", "export_dtype"})
 
     def __post_init__(self):
         _positive(self, "log_every")
+        if self.tracker_project_name is not None and (not self.tracker_project_name.strip()
+                                                      or os.sep in self.tracker_project_name):
+            raise FlagError(f"--tracker_project_name {self.tracker_project_name!r} must be a non-empty name without "
+                            f"{os.sep!r} (it is also TensorBoard's run folder)")
         _one_of("export_dtype", self.export_dtype, (None, "float16", "bfloat16", "float32"))
         if self.export_dtype is not None and not self.export_single_file:
             raise FlagError("--export_dtype needs --export_single_file (the diffusers folder is float32)")
@@ -321,11 +360,13 @@ class ValidationConfig:
     validation_scheduler: str | None = None  # default: the model's own scheduler
     validation_num_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
+    validation_guidance_rescale: float = 0.0  # diffusers' guidance_rescale (rescale_noise_cfg); 0: off
     validation_height: int | None = None    # default --resolution
     validation_width: int | None = None
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"validation_prompts", "validation_epochs", "validation_steps",
                                                  "num_validation_images", "validation_scheduler",
                                                  "validation_num_inference_steps", "validation_guidance_scale",
+                                                 "validation_guidance_rescale",
                                                  "validation_height", "validation_width"})
 
     def __post_init__(self):
@@ -338,6 +379,9 @@ class ValidationConfig:
         _one_of("validation_scheduler", self.validation_scheduler, (None,) + SAMPLERS)
         if not self.validation_guidance_scale >= 0:
             raise FlagError(f"--validation_guidance_scale must be >= 0 (got {self.validation_guidance_scale})")
+        if not 0.0 <= self.validation_guidance_rescale <= 1.0:
+            raise FlagError(f"--validation_guidance_rescale must be between 0 and 1 "
+                            f"(got {self.validation_guidance_rescale})")
 
     def size(self, resolution: int) -> tuple[int, int]:
         """(height, width) of the validation images."""

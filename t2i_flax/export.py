@@ -136,7 +136,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
 
     from t2i_flax import checkpoint, hub, resume, trainable
     from t2i_flax.config import RunConfig
-    from t2i_flax.diffusion.noise import read_scheduler_config, schedule_from_config
+    from t2i_flax.diffusion.noise import read_scheduler_config, schedule_from_config, zero_terminal_snr_config
     from t2i_flax.family import detect
     from t2i_flax.models import FlaxUNet2DConditionModel
 
@@ -169,6 +169,8 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
                                       trained_kind.abstract_params(unet))
     params = jax.device_get(checkpoints.restore(step, {item: abstract})[item])
     scheduler_config = read_scheduler_config(model_dir)
+    if config.model.rescale_betas_zero_snr:
+        scheduler_config = zero_terminal_snr_config(scheduler_config)
     prediction_type = schedule_from_config(scheduler_config, config.model.prediction_type).prediction_type
     trained_kind.export(PipelineWriter(output_dir, model_dir, config.model.variant, unet, scheduler_config,
                                        prediction_type, detect(model_dir),

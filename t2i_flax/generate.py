@@ -102,6 +102,11 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
     return Pipeline(sampler, params, tokenizers, scheduler_config, model_dir, lora_info)
 
 
+def check_guidance_rescale(guidance_rescale: float, flag: str = "--guidance_rescale") -> None:
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise errors.FlagError(f"{flag} must be between 0 and 1 (got {guidance_rescale})")
+
+
 def check_lora_scale(lora: str | None, lora_scale: float) -> None:
     if not math.isfinite(lora_scale):
         raise errors.FlagError(f"--lora_scale must be a finite number (got {lora_scale})")
@@ -112,13 +117,14 @@ def check_lora_scale(lora: str | None, lora_scale: float) -> None:
 def run_sampler(pipeline: Pipeline, prompts, negative_prompt=None, num_inference_steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None,
                 width: int | None = None, scheduler: str | None = None, latents=None,
-                output_type: str = "np") -> np.ndarray:
+                output_type: str = "np", guidance_rescale: float = 0.0) -> np.ndarray:
     """Float images (N, H, W, 3) in [0, 1], or with output_type="latent" the final latents (N, C, h, w).
 
     One image per prompt. `negative_prompt`: a string for all, or one per prompt; default "" (the
     unconditional prompt). `scheduler`: one of schedulers.NAMES, default the model's config's class.
     `latents`: the initial noise (N, C, h, w) as diffusers' `latents=` (before init_noise_sigma); default
-    drawn from `seed`. A batch that does not split over the mesh is padded and the padding dropped."""
+    drawn from `seed`. A batch that does not split over the mesh is padded and the padding dropped.
+    `guidance_rescale`: diffusers' rescale_noise_cfg after guidance (0: off)."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -149,8 +155,9 @@ def run_sampler(pipeline: Pipeline, prompts, negative_prompt=None, num_inference
         noise_BCHW = np.stack(pad(list(noise_BCHW)))
     prompt_ids_BL = pipeline.token_ids(pad(prompts))
     negative_ids_BL = None if zero_negative else pipeline.token_ids(pad(negative))
+    check_guidance_rescale(guidance_rescale)
     output = sampler(pipeline.params, prompt_ids_BL, negative_ids_BL, noise_BCHW, step_scheduler, guidance_scale,
-                     output_type)
+                     output_type, guidance_rescale)
     if not output.is_fully_addressable:  # several hosts: every one gets all images
         output = multihost_utils.process_allgather(output, tiled=True)
     return np.asarray(jax.device_get(output))[:len(prompts)]
@@ -158,12 +165,13 @@ def run_sampler(pipeline: Pipeline, prompts, negative_prompt=None, num_inference
 
 def generate(pipeline: Pipeline, prompts, negative_prompt=None, num_inference_steps: int = DEFAULT_STEPS,
              guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None,
-             width: int | None = None, scheduler: str | None = None, latents=None) -> np.ndarray:
+             width: int | None = None, scheduler: str | None = None, latents=None,
+             guidance_rescale: float = 0.0) -> np.ndarray:
     """uint8 images (N, H, W, 3), rounded as diffusers' numpy_to_pil; arguments as run_sampler's."""
     from t2i_flax.diffusion import sample
 
     images = run_sampler(pipeline, prompts, negative_prompt, num_inference_steps, guidance_scale, seed, height,
-                         width, scheduler, latents, output_type="np")
+                         width, scheduler, latents, output_type="np", guidance_rescale=guidance_rescale)
     return sample.to_uint8(images)
 
 
@@ -206,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_images", type=int, default=1)
     a("--steps", type=int, default=DEFAULT_STEPS, help="Inference steps (diffusers' num_inference_steps).")
     a("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="> 1 turns classifier-free guidance on.")
+    a("--guidance_rescale", type=float, default=0.0,
+      help="0 to 1: rescale the guided prediction to the text prediction's standard deviation (diffusers' "
+           "guidance_rescale; 0.7 with zero-terminal-SNR models).")
     a("--seed", type=int, default=0)
     a("--height", type=int, default=None, help="Default: the UNet's sample_size x the VAE's factor.")
     a("--width", type=int, default=None)
@@ -232,6 +243,7 @@ def check_args(args) -> None:
         raise errors.FlagError(f"--mixed_precision {args.mixed_precision!r} is not one of: "
                                f"{', '.join(MIXED_PRECISION)}")
     check_lora_scale(args.lora, args.lora_scale)
+    check_guidance_rescale(args.guidance_rescale)
     from t2i_flax import single_file
 
     single_file.check_reference(args.model)
@@ -275,7 +287,8 @@ def run(args) -> list[str]:
           f"{args.guidance_scale}, seed {args.seed}", flush=True)
     start = time.perf_counter()
     images = generate(pipeline, [args.prompt] * args.num_images, args.negative_prompt, args.steps,
-                      args.guidance_scale, args.seed, height, width, scheduler)
+                      args.guidance_scale, args.seed, height, width, scheduler,
+                      guidance_rescale=args.guidance_rescale)
     print(f"generate: sampled in {time.perf_counter() - start:.1f}s (compile included)", flush=True)
     paths = write_images(images, args.out)
     print(f"generate: wrote {len(images)} image(s) and grid.png to {os.path.abspath(args.out)}", flush=True)

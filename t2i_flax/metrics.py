@@ -1,5 +1,9 @@
 """Where training metrics go: a tqdm bar, metrics.jsonl in the output dir, TensorBoard (tensorboardX,
-no TensorFlow) and wandb when asked. Only process 0 writes."""
+no TensorFlow) and wandb when asked. Only process 0 writes.
+
+--tracker_project_name names wandb's project and, as accelerate's TensorBoard tracker does in the PyTorch scripts,
+TensorBoard's run folder inside the logging dir; without it, wandb's project is DEFAULT_PROJECT and TensorBoard
+writes in the logging dir itself."""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,8 @@ import sys
 import time
 
 from tqdm.auto import tqdm
+
+DEFAULT_PROJECT = "t2i_flax"
 
 
 def log(message: str) -> None:
@@ -22,7 +28,7 @@ def log(message: str) -> None:
 class MetricsWriter:
     def __init__(self, output_dir: str, logging_dir: str, report_to: str, total_steps: int, initial_step: int = 0,
                  run_config: dict | None = None, enabled: bool = True, images_per_step: int = 1,
-                 append: bool = False):
+                 append: bool = False, project_name: str | None = None):
         self.enabled = enabled
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
@@ -39,10 +45,10 @@ class MetricsWriter:
         if report_to in ("tensorboard", "all"):
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(os.path.join(output_dir, logging_dir))
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, logging_dir, *filter(None, [project_name])))
         if report_to in ("wandb", "all"):
             import wandb  # the command line checked that it is installed
-            self.wandb = wandb.init(project="t2i_flax", config=run_config or {})
+            self.wandb = wandb.init(project=project_name or DEFAULT_PROJECT, config=run_config or {})
 
     def advance(self) -> None:
         """One more step dispatched (the bar moves; its values come later, with `add`)."""

@@ -10,15 +10,43 @@ def settings_table(config, plan, trainable) -> dict:
     optimizer = config.optimizer
     return {"steps": plan.max_train_steps, "global batch": plan.global_batch_size,
             "resolution": config.data.resolution, "learning rate": f"{plan.learning_rate:g} ({optimizer.lr_scheduler}, "
-            f"{optimizer.lr_warmup_steps} warmup steps)", "AdamW": f"betas {optimizer.adam_beta1}/{optimizer.adam_beta2}, "
-            f"weight decay {optimizer.adam_weight_decay}, eps {optimizer.adam_epsilon}",
+            f"{optimizer.lr_warmup_steps} warmup steps)", **optimizer_settings(optimizer),
             "max grad norm": optimizer.max_grad_norm, "mixed precision": config.model.mixed_precision,
             "EMA": f"decay {config.train.ema_decay}" if config.train.use_ema else "no",
-            "noise offset": config.train.noise_offset, "seed": config.train.seed,
+            "noise offset": config.train.noise_offset, **noise_settings(config.train),
+            **({"zero terminal SNR": "yes (rescaled betas, trailing timesteps)"} if config.model.rescale_betas_zero_snr
+               else {}), "seed": config.train.seed,
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
             "resize filter": config.data.image_interpolation_mode, **caption_settings(config.data),
-            **bucket_settings(config.data), **trainable.card_settings()}
+            **bucket_settings(config.data), **trainable.card_settings(),
+            **({"tracker project": config.output.tracker_project_name} if config.output.tracker_project_name else {})}
+
+
+def optimizer_settings(optimizer) -> dict:
+    """The optimizer's row: what it read of the flags (t2i_flax/optim.py)."""
+    decay = f"weight decay {optimizer.adam_weight_decay}"
+    if optimizer.optimizer == "adamw":
+        return {"AdamW": f"betas {optimizer.adam_beta1}/{optimizer.adam_beta2}, {decay}, eps {optimizer.adam_epsilon}"}
+    described = {"adafactor": "Adafactor (optax's defaults: factored, decay rate 0.8, update clipping 1, relative "
+                              "to the parameters' scale)",
+                 "lion": f"Lion (optax), betas 0.9/0.99, {decay}",
+                 "prodigy": f"Prodigy (optax), betas {optimizer.adam_beta1}/{optimizer.adam_beta2}, {decay}, "
+                            f"eps {optimizer.adam_epsilon}" + (", safeguarded warmup" if optimizer.warmup else "")}
+    return {"optimizer": described[optimizer.optimizer]}
+
+
+def noise_settings(train) -> dict:
+    """The rows of the step's noise and timestep options, when set."""
+    from t2i_flax.diffusion.timestep_bias import TimestepBias
+
+    rows = {"input perturbation": train.input_perturbation} if train.input_perturbation else {}
+    if train.dream_training:
+        rows["DREAM"] = f"detail preservation {train.dream_detail_preservation:g}"
+    bias = TimestepBias.from_config(train)
+    if bias is not None:
+        rows["timestep bias"] = bias.describe()
+    return rows
 
 
 def bucket_settings(data_config) -> dict:

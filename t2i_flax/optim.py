@@ -1,9 +1,19 @@
-"""Optimizer: clip_by_global_norm then AdamW, with the learning
-rate schedules diffusers names (`--lr_scheduler`), evaluated at the 0-based update count as torch's
+"""Optimizer: clip_by_global_norm then `--optimizer` (AdamW by default, or optax's Adafactor, Lion or Prodigy), with
+the learning rate schedules diffusers names (`--lr_scheduler`), evaluated at the 0-based update count as torch's
 LambdaLR does (so with warmup the first update uses lr 0, as in the PyTorch script).
 
 Weight decay applies to every parameter by default, as torch's AdamW in the PyTorch script and
-optax.adamw in the Flax script do; `decay_mask=True` exempts biases and norm scales."""
+optax.adamw in the Flax script do; `decay_mask=True` exempts biases and norm scales.
+
+The optimizers and the flags they read (everything else is optax's default):
+  adamw      optax.adamw: --adam_beta1/2, --adam_epsilon, --adam_weight_decay (decoupled, x lr), the decay mask
+  adafactor  optax.adafactor: factored second moments (tensors whose two largest sides are >= 128), decay rate 0.8,
+             update clipping at RMS 1, steps relative to the parameters' RMS (at least 1e-3), no momentum, no weight
+             decay: transformers' Adafactor(scale_parameter=True, relative_step=False) with an explicit lr
+  lion       optax.lion: betas 0.9/0.99 (the paper's), --adam_weight_decay (decoupled, x lr), the decay mask
+  prodigy    optax.contrib.prodigy: --adam_beta1/2, --adam_epsilon, --adam_weight_decay (no mask); --learning_rate
+             scales its estimated step size (1.0 is prodigy's own); with a warmup (the first lr is 0) it runs with
+             safeguard_warmup, as prodigy's authors advise, since its estimate is 0/0 otherwise"""
 from __future__ import annotations
 
 import math
@@ -12,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+OPTIMIZERS = ("adamw", "adafactor", "lion", "prodigy")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 POLYNOMIAL_END_LR = 1e-7
 
@@ -54,9 +65,19 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(schedule, beta1=0.9, beta2=0.999, weight_decay=1e-2, epsilon=1e-8, max_grad_norm=1.0,
-                   decay_mask: bool = False):
-    return optax.chain(
-        optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(schedule, b1=beta1, b2=beta2, eps=epsilon, weight_decay=weight_decay,
-                    mask=weight_decay_mask if decay_mask else None),
-    )
+                   decay_mask: bool = False, name: str = "adamw", warmup: bool = False):
+    """clip_by_global_norm(max_grad_norm), then the optimizer `name` (see the module's docstring for what each reads).
+    `warmup`: the schedule's first lr is 0 (prodigy then safeguards its estimate)."""
+    mask = weight_decay_mask if decay_mask else None
+    if name == "adamw":
+        update = optax.adamw(schedule, b1=beta1, b2=beta2, eps=epsilon, weight_decay=weight_decay, mask=mask)
+    elif name == "adafactor":
+        update = optax.adafactor(schedule)
+    elif name == "lion":
+        update = optax.lion(schedule, weight_decay=weight_decay, mask=mask)
+    elif name == "prodigy":
+        update = optax.contrib.prodigy(schedule, betas=(beta1, beta2), eps=epsilon, weight_decay=weight_decay,
+                                       safeguard_warmup=warmup)
+    else:
+        raise ValueError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), update)

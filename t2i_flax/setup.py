@@ -21,7 +21,9 @@ import numpy as np
 from t2i_flax import family as families
 from t2i_flax import optim, sharding, step, trainable
 from t2i_flax.config import RunConfig
-from t2i_flax.diffusion.noise import NoiseSchedule, read_scheduler_config, schedule_from_config
+from t2i_flax.diffusion.noise import (NoiseSchedule, read_scheduler_config, schedule_from_config,
+                                      zero_terminal_snr_config)
+from t2i_flax.diffusion.timestep_bias import TimestepBias
 from t2i_flax.errors import FlagError
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16}
@@ -97,6 +99,8 @@ def read_base_model(model_dir: str, model_config=None) -> BaseModel:
     checked too (before any data is read)."""
     family = families.detect(model_dir)  # first: a folder of another kind is named as such
     scheduler_config = read_scheduler_config(model_dir)
+    if getattr(model_config, "rescale_betas_zero_snr", False):  # trains, validates and exports with it
+        scheduler_config = zero_terminal_snr_config(scheduler_config)
     vae_dir = getattr(model_config, "pretrained_vae_model_name_or_path", None)
     base = BaseModel(model_dir, family, scheduler_config, family.tokenizers(model_dir), vae_dir)
     if model_config is not None:
@@ -207,11 +211,17 @@ def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, n
                                             optimizer_config.lr_warmup_steps, plan.max_train_steps)
     optimizer = optim.make_optimizer(schedule, optimizer_config.adam_beta1, optimizer_config.adam_beta2,
                                      optimizer_config.adam_weight_decay, optimizer_config.adam_epsilon,
-                                     optimizer_config.max_grad_norm, optimizer_config.no_decay_bias_and_norm)
+                                     optimizer_config.max_grad_norm, optimizer_config.no_decay_bias_and_norm,
+                                     optimizer_config.optimizer, optimizer_config.warmup)
     return step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder,
                            noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
-                           noise_offset=config.train.noise_offset, trainable=trained, family=family,
+                           noise_offset=config.train.noise_offset,
+                           input_perturbation=config.train.input_perturbation,
+                           timestep_bias=TimestepBias.from_config(config.train),
+                           dream_detail_preservation=(config.train.dream_detail_preservation
+                                                      if config.train.dream_training else None),
+                           trainable=trained, family=family,
                            text_encoder_2=modules.text_encoder_2)
 
 
@@ -235,6 +245,11 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
                         f"(its VAE and UNet downsample the images {multiple} times)")
     trained = trainable.from_config(config)
     step_config = make_step_config(config, plan, modules, noise_schedule, trained, base.family)
+    if config.train.dream_training and noise_schedule.prediction_type != "epsilon":
+        raise FlagError("--dream_training is for epsilon prediction (as diffusers' compute_dream_and_update_latents); "
+                        f"this run predicts {noise_schedule.prediction_type}")
+    if step_config.timestep_bias is not None:
+        step_config.timestep_bias.check(noise_schedule.num_train_timesteps)
     abstract_state, state_sharding = step.state_shardings(step_config, mesh, trained.abstract_params(modules.unet),
                                                           config.train.seed)
     shapes = {"unet": modules.unet.abstract_params(), "vae": modules.vae.abstract_params(),

@@ -5,7 +5,8 @@
 VAE encode -> posterior sample x scaling_factor -> noise (+ offset) and timesteps -> add_noise ->
 the frozen text encoders' conditioning (the model family's: SD's CLIP last hidden state; SDXL's two penultimate
 states, pooled embedding and time ids) -> UNet -> float32 MSE against the config's target (noise or velocity)
--> clip + AdamW -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over constants.
+-> clip + the optimizer (AdamW by default) -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over
+constants.
 
 The pieces (`draw_randomness`, `encode_latents`, `conditioning`, `diffusion_loss`, `loss_and_grads`,
 `apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math."""
@@ -24,8 +25,9 @@ from t2i_flax.family import STABLE_DIFFUSION, Modules
 from t2i_flax.trainable import FULL_UNET
 from t2i_flax.diffusion.noise import NoiseSchedule
 
-# Independent random streams, each folded from (seed key, step): no key is used twice.
-STREAM_POSTERIOR, STREAM_NOISE, STREAM_TIMESTEPS, STREAM_DROPOUT, STREAM_NOISE_OFFSET = range(5)
+# Independent random streams, each folded from (seed key, step): no key is used twice. A stream an option needs
+# (--input_perturbation's) is drawn only when the option is on, so without it the program is unchanged.
+STREAM_POSTERIOR, STREAM_NOISE, STREAM_TIMESTEPS, STREAM_DROPOUT, STREAM_NOISE_OFFSET, STREAM_PERTURBATION = range(6)
 
 
 @flax.struct.dataclass
@@ -48,6 +50,13 @@ class StepConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     noise_offset: float = 0.0
+    # --input_perturbation gamma: the UNet's input is noised with noise + gamma x fresh noise; the target: the noise.
+    input_perturbation: float = 0.0
+    # --timestep_bias_*: a TimestepBias (t2i_flax/diffusion/timestep_bias.py) whose weights the timesteps are drawn
+    # from (categorical); None draws them uniformly, as before.
+    timestep_bias: Any = None
+    # --dream_training: DREAM's detail preservation p (None: off); one more UNet forward without gradients.
+    dream_detail_preservation: float | None = None
     # What the trained params are (t2i_flax/trainable.py): the UNet's own, or LoRA adapters on frozen["unet"].
     trainable: Any = FULL_UNET
     family: Any = STABLE_DIFFUSION  # how the UNet is conditioned on the batch's captions (t2i_flax/family.py)
@@ -81,17 +90,39 @@ def step_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
-def draw_randomness(key, latents_shape, num_train_timesteps: int) -> dict:
+def draw_randomness(key, latents_shape, num_train_timesteps: int, input_perturbation: bool = False,
+                    timestep_weights=None) -> dict:
     """Every random number one step uses, each from its own stream of the step's key: posterior_noise
     (the VAE posterior sample's N(0, 1), like latents), noise (N(0, 1), like latents), offset_noise
-    (N(0, 1) per sample and channel, for --noise_offset), timesteps (B,) and the UNet's dropout key."""
+    (N(0, 1) per sample and channel, for --noise_offset), timesteps (B,) and the UNet's dropout key; with
+    `input_perturbation`, perturbation_noise (N(0, 1), like latents). Timesteps are uniform over
+    [0, num_train_timesteps), or drawn from `timestep_weights` (T,) (--timestep_bias_*, which sum to 1)."""
     stream = lambda index: jax.random.fold_in(key, index)  # noqa: E731
     batch, channels = latents_shape[:2]
-    return {"posterior_noise": jax.random.normal(stream(STREAM_POSTERIOR), latents_shape, jnp.float32),
-            "noise": jax.random.normal(stream(STREAM_NOISE), latents_shape, jnp.float32),
-            "offset_noise": jax.random.normal(stream(STREAM_NOISE_OFFSET), (batch, channels, 1, 1), jnp.float32),
-            "timesteps": jax.random.randint(stream(STREAM_TIMESTEPS), (batch,), 0, num_train_timesteps),
-            "dropout_key": stream(STREAM_DROPOUT)}
+    drawn = {"posterior_noise": jax.random.normal(stream(STREAM_POSTERIOR), latents_shape, jnp.float32),
+             "noise": jax.random.normal(stream(STREAM_NOISE), latents_shape, jnp.float32),
+             "offset_noise": jax.random.normal(stream(STREAM_NOISE_OFFSET), (batch, channels, 1, 1), jnp.float32),
+             "timesteps": draw_timesteps(stream(STREAM_TIMESTEPS), batch, num_train_timesteps, timestep_weights),
+             "dropout_key": stream(STREAM_DROPOUT)}
+    if input_perturbation:
+        drawn["perturbation_noise"] = jax.random.normal(stream(STREAM_PERTURBATION), latents_shape, jnp.float32)
+    return drawn
+
+
+def draw_timesteps(key, batch: int, num_train_timesteps: int, weights=None):
+    """(B,) int32 timesteps: uniform over [0, num_train_timesteps), or categorical with probabilities `weights` (T,)
+    (a zero weight is never drawn: its log is -inf)."""
+    if weights is None:
+        return jax.random.randint(key, (batch,), 0, num_train_timesteps)
+    logits = jnp.log(jnp.asarray(weights, jnp.float32))
+    return jax.random.categorical(key, logits, shape=(batch,)).astype(jnp.int32)
+
+
+def step_randomness(config: StepConfig, key, latents_shape) -> dict:
+    """`draw_randomness` with the step's options (--input_perturbation, --timestep_bias_*)."""
+    schedule = config.noise_schedule
+    weights = None if config.timestep_bias is None else config.timestep_bias.weights(schedule.num_train_timesteps)
+    return draw_randomness(key, latents_shape, schedule.num_train_timesteps, bool(config.input_perturbation), weights)
 
 
 def latent_shape(config: StepConfig, pixel_values_shape) -> tuple[int, ...]:
@@ -147,16 +178,37 @@ def diffusion_loss(config: StepConfig, params, frozen: dict, latents, encoder_hi
     noise, timesteps = randomness["noise"], randomness["timesteps"]
     if config.noise_offset:  # a per-sample, per-channel constant shift (the PyTorch script's --noise_offset)
         noise = noise + config.noise_offset * randomness["offset_noise"]
-    noisy_latents = schedule.add_noise(latents, noise, timesteps)
+    if config.input_perturbation:  # train_text_to_image.py's: only the input is perturbed, the target is `noise`
+        perturbed = noise + config.input_perturbation * randomness["perturbation_noise"]
+        noisy_latents = schedule.add_noise(latents, perturbed, timesteps)
+    else:
+        noisy_latents = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
+    if config.dream_detail_preservation is not None:
+        noisy_latents, target = dream_latents_and_target(config, params, frozen, noisy_latents, target, noise,
+                                                         timesteps, encoder_hidden_states, randomness["dropout_key"],
+                                                         added_cond_kwargs)
     prediction = predict(config, params, frozen, noisy_latents, timesteps, encoder_hidden_states,
                          randomness["dropout_key"], added_cond_kwargs)
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
+def dream_latents_and_target(config: StepConfig, params, frozen: dict, noisy_latents, target, noise, timesteps,
+                             encoder_hidden_states, dropout_key, added_cond_kwargs=None):
+    """DREAM (Zhou et al. 2024), as diffusers' compute_dream_and_update_latents (epsilon prediction): the UNet's own
+    prediction on the noised latents, without gradients, moves both the input and the target towards what it
+    predicted: delta = sqrt(1 - a_t)^p (noise - prediction); input + sqrt(1 - a_t) delta, target + delta."""
+    alphas_cumprod = jnp.asarray(config.noise_schedule.alphas_cumprod)[timesteps].reshape(-1, 1, 1, 1)
+    sqrt_one_minus = jnp.sqrt(1.0 - alphas_cumprod)
+    predicted_noise = jax.lax.stop_gradient(predict(config, params, frozen, noisy_latents, timesteps,
+                                                    encoder_hidden_states, dropout_key, added_cond_kwargs))
+    delta = (noise - predicted_noise.astype(jnp.float32)) * sqrt_one_minus ** config.dream_detail_preservation
+    return (noisy_latents + (sqrt_one_minus * delta).astype(noisy_latents.dtype)), target + delta
+
+
 def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):
     """(loss, gradients w.r.t. the UNet params) of one batch with the step key `key`."""
-    randomness = draw_randomness(key, batch_latent_shape(config, batch), config.noise_schedule.num_train_timesteps)
+    randomness = step_randomness(config, key, batch_latent_shape(config, batch))
     latents = batch_latents(config, frozen, batch, randomness["posterior_noise"])
     encoder_hidden_states, added_cond_kwargs = conditioning(config, frozen, batch)
     return jax.value_and_grad(diffusion_loss, argnums=1)(config, params, frozen, latents, encoder_hidden_states,
@@ -164,7 +216,7 @@ def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):
 
 
 def apply_gradients(config: StepConfig, state: TrainState, grads) -> TrainState:
-    """Clip + AdamW (the optimizer chain), then the EMA update."""
+    """Clip + the optimizer (the chain of t2i_flax/optim.py), then the EMA update."""
     updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params

@@ -106,7 +106,8 @@ def run(config: RunConfig) -> None:
     checkpoints = Checkpoints(checkpoints_dir, keep=checkpoint_config.checkpoints_total_limit or None)
     writer = MetricsWriter(output_config.output_dir, output_config.logging_dir, output_config.report_to,
                            plan.max_train_steps, initial_step=resume_step, run_config=run_record["config"],
-                           enabled=is_main, images_per_step=plan.global_batch_size, append=source is not None)
+                           enabled=is_main, images_per_step=plan.global_batch_size, append=source is not None,
+                           project_name=output_config.tracker_project_name)
 
     # ---- loop -------------------------------------------------------------------------------
     def save_checkpoint(finished_steps: int, state) -> None:

@@ -66,7 +66,8 @@ class Validation:
         try:
             self.program = self.sampler.compile(abstract, self.scheduler, batch, *size, guidance,
                                                 max_length=[ids.shape[1] for ids in prompt_ids],
-                                                zero_negative=zero_negative)
+                                                zero_negative=zero_negative,
+                                                guidance_rescale=settings.validation_guidance_rescale > 0)
         except jax.errors.JaxRuntimeError as error:  # a sampler that does not fit: before the first step
             if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
                 raise
@@ -74,7 +75,8 @@ class Validation:
                             f"lower --num_validation_images or use fewer --validation_prompts") from None
         single = lambda ids: ids if ids is None or len(ids) > 1 else ids[0]  # noqa: E731
         self.inputs = self.sampler.place_inputs(single(prompt_ids), single(negative_ids), noise, self.scheduler,
-                                                settings.validation_guidance_scale)
+                                                settings.validation_guidance_scale,
+                                                settings.validation_guidance_rescale)
 
     def __call__(self, finished_steps: int, unet_params) -> tuple[str, np.ndarray]:
         """Draws the prompts with `unet_params`; writes the grid (process 0) and returns (path, grid)."""

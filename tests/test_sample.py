@@ -35,6 +35,8 @@ SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_sched
                   "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
 SD21_SCHEDULER = dict(SD15_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
+# Zero terminal SNR as --rescale_betas_zero_snr exports it: the rescaled schedule, trailing timesteps.
+ZERO_SNR_SCHEDULER = dict(SD21_SCHEDULER, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 PROMPTS = ["a red circle on a blue background", "a small green square"]
 NEGATIVE = ["", "dark"]  # the empty (unconditional) prompt and a real negative prompt
 STEPS = 10  # < 15: DPM-Solver++'s lower_order_final applies
@@ -42,6 +44,9 @@ STEPS = 10  # < 15: DPM-Solver++'s lower_order_final applies
 # euler 2.3e-6, dpm++2m 1.6e-6 (2.0e-6 on 8 devices with FSDP); SD2 ddim 1.4e-6, pndm 2.7e-6, euler 1.8e-6,
 # dpm++2m 1.6e-6; without CFG (SD2 euler) 3.4e-7.
 LATENT_TOL = 1e-5
+# Zero terminal SNR (trailing) with guidance_rescale 0.7: measured ddim 1.4e-6, pndm 2.6e-6, euler 7.3e-6 (its first
+# sigma is ~4096, and torch's rescaled schedule is 1 ulp off ours in places: test_schedulers.py), dpm++2m 1.4e-6.
+ZERO_SNR_LATENT_TOL = 3e-5
 # Decoded images (values in [0, 1]): measured 1.7e-6.
 IMAGE_TOL = 1e-5
 # bf16 compute against the float32 oracle (8-bit mantissa through 10 UNet calls amplified by CFG 7.5):
@@ -71,7 +76,8 @@ def write_torch_pipeline(folder: str, unet_config: dict, scheduler_config: dict,
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-pipelines")
     return {"sd1": write_torch_pipeline(str(root / "sd1"), SD1_UNET, SD15_SCHEDULER, seed=0),
-            "sd2": write_torch_pipeline(str(root / "sd2"), SD2_UNET, SD21_SCHEDULER, seed=10)}
+            "sd2": write_torch_pipeline(str(root / "sd2"), SD2_UNET, SD21_SCHEDULER, seed=10),
+            "sd2_zero_snr": write_torch_pipeline(str(root / "sd2_zero_snr"), SD2_UNET, ZERO_SNR_SCHEDULER, seed=10)}
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +100,11 @@ class Oracle:
         self.config = self.pipe.scheduler.config
 
     def __call__(self, scheduler, latents, prompts=PROMPTS, negative=NEGATIVE, guidance_scale=7.5,
-                 output_type="latent", steps=STEPS):
+                 output_type="latent", steps=STEPS, guidance_rescale=0.0):
         self.pipe.scheduler = ORACLES[scheduler].from_config(self.config)
         output = self.pipe(prompts, negative_prompt=negative, guidance_scale=guidance_scale,
-                           num_inference_steps=steps, latents=torch.from_numpy(latents), output_type=output_type)
+                           num_inference_steps=steps, latents=torch.from_numpy(latents), output_type=output_type,
+                           guidance_rescale=guidance_rescale)
         return np.asarray(output.images)
 
 
@@ -121,6 +128,30 @@ def test_final_latents_match_diffusers(pipelines, oracles, model, scheduler, gui
     reference = oracles[model](scheduler, noise(), guidance_scale=guidance_scale)
     assert ours.dtype == np.float32
     assert rel_err(ours, reference) < LATENT_TOL
+
+
+@pytest.mark.parametrize("scheduler", schedulers.NAMES)
+def test_zero_terminal_snr_trailing_and_guidance_rescale_match_diffusers(pipelines, oracles, scheduler):
+    """A zero-terminal-SNR v-prediction model (rescale_betas_zero_snr, trailing spacing: what --rescale_betas_zero_snr
+    exports) with guidance_rescale 0.7 (the paper's): final latents against diffusers' StableDiffusionPipeline. The
+    rescale is visible: without it the latents are far from the reference."""
+    ours = run_sampler(pipelines["sd2_zero_snr"], PROMPTS, NEGATIVE, STEPS, 7.5, latents=noise(),
+                       scheduler=scheduler, output_type="latent", guidance_rescale=0.7)
+    reference = oracles["sd2_zero_snr"](scheduler, noise(), guidance_rescale=0.7)
+    assert rel_err(ours, reference) < ZERO_SNR_LATENT_TOL, rel_err(ours, reference)
+    plain = oracles["sd2_zero_snr"](scheduler, noise())
+    assert rel_err(plain, reference) > 1e3 * ZERO_SNR_LATENT_TOL  # measured 8.6e-2 to 9.1e-2
+    if scheduler == "ddim":  # validation's way: compiled ahead of time with the rescale, then placed inputs
+        pipeline = pipelines["sd2_zero_snr"]
+        sampler, step_scheduler = pipeline.sampler, schedulers.make_scheduler(pipeline.scheduler_config, STEPS, "ddim")
+        ids, negative_ids = pipeline.token_ids(PROMPTS), pipeline.token_ids(NEGATIVE)
+        size = 16 * sample.vae_scale_factor(sampler.vae)
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pipeline.params)
+        compiled = sampler.compile(abstract, step_scheduler, batch=2, height=size, width=size, guidance=True,
+                                   output_type="latent", max_length=ids.shape[1], guidance_rescale=True)
+        inputs = sampler.place_inputs(ids, negative_ids, noise(), step_scheduler, 7.5, 0.7)
+        assert len(inputs) == 6  # the rescale is an argument of the program
+        np.testing.assert_array_equal(np.asarray(compiled(pipeline.params, *inputs)), ours)
 
 
 def test_decoded_images_match_diffusers(pipelines, oracles):

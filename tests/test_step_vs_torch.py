@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from t2i_flax import data, family, optim, sharding, step, tokenizer, weights
@@ -64,7 +64,7 @@ def torch_named(tree):
     return weights.params_to_state_dict(jax.device_get(tree))
 
 
-def ours(pipeline_dir, batches, prediction_type, noise_offset):
+def ours(pipeline_dir, batches, prediction_type, noise_offset, input_perturbation=0.0, dream=None):
     """Our step on one device. Per step: the state before it (params, Adam moments, EMA, in PyTorch names
     and layouts), the randomness it draws, its gradient tree, loss, grad norm, lr and the state after. The step is
     run as its two halves, `step.loss_and_grads` then `step.apply_gradients` (what `step.train_step` composes), so
@@ -78,7 +78,8 @@ def ours(pipeline_dir, batches, prediction_type, noise_offset):
                              noise_schedule=load_noise_schedule(pipeline_dir, prediction_type),
                              optimizer=optim.make_optimizer(schedule, weight_decay=WEIGHT_DECAY,
                                                             max_grad_norm=MAX_GRAD_NORM),
-                             learning_rate=schedule, use_ema=True, ema_decay=EMA_DECAY, noise_offset=noise_offset)
+                             learning_rate=schedule, use_ema=True, ema_decay=EMA_DECAY, noise_offset=noise_offset,
+                             input_perturbation=input_perturbation, dream_detail_preservation=dream)
     mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     state, _ = step.create_state(config, mesh, unet_params, seed=7)
     frozen = step.frozen_params(vae_params, params["text_encoder"], None, params.get("text_encoder_2"))
@@ -87,7 +88,7 @@ def ours(pipeline_dir, batches, prediction_type, noise_offset):
     apply_gradients = jax.jit(lambda state, grads: (step.apply_gradients(config, state, grads),
                                                     optax.tree.norm(grads), config.learning_rate(state.step)))
     draw = jax.jit(lambda key, shape=step.latent_shape(config, batches[0]["pixel_values"].shape):
-                   step.draw_randomness(key, shape, config.noise_schedule.num_train_timesteps))
+                   step.step_randomness(config, key, shape))
     results = []
     for host_batch in batches:
         device_batch = sharding.global_batch(mesh, host_batch)
@@ -104,7 +105,7 @@ def ours(pipeline_dir, batches, prediction_type, noise_offset):
     return results
 
 
-def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
+def reference(pipeline_dir, batches, steps, prediction_type, noise_offset, input_perturbation=0.0, dream=None):
     """train_text_to_image.py's step in PyTorch. Before each step, its UNet, AdamW state and EMA are set
     to OUR state before that step, so each step is compared on identical inputs (float rounding does not
     accumulate over the steps)."""
@@ -140,7 +141,12 @@ def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
         if noise_offset:
             noise = noise + noise_offset * torch.tensor(drawn["offset_noise"])
         timesteps = torch.tensor(drawn["timesteps"], dtype=torch.long)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        if input_perturbation:  # train_text_to_image.py: new_noise = noise + gamma * randn_like(noise), input only
+            new_noise = noise + input_perturbation * torch.tensor(drawn["perturbation_noise"])
+            noisy_latents = scheduler.add_noise(latents, new_noise, timesteps)
+        else:
+            assert "perturbation_noise" not in drawn  # off: the stream is not drawn at all
+            noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         input_ids = torch.tensor(host_batch["input_ids"], dtype=torch.long)
         added = {}
@@ -153,6 +159,9 @@ def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
                                            "time_ids": torch.tensor(host_batch["time_ids"])}}
         else:
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+        if dream is not None:  # train_text_to_image.py's --dream_training, with diffusers' own function
+            noisy_latents, target = compute_dream_and_update_latents(unet, scheduler, timesteps, noise, noisy_latents,
+                                                                     target, encoder_hidden_states, dream)
         prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **added)[0]
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="mean")
         loss.backward()
@@ -169,12 +178,20 @@ def reference(pipeline_dir, batches, steps, prediction_type, noise_offset):
     return results
 
 
-@pytest.mark.parametrize("prediction_type,noise_offset", [("epsilon", 0.0), ("v_prediction", 0.1)])
-def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch, prediction_type, noise_offset):
-    got = ours(torch_pipeline_dir, batch, prediction_type, noise_offset)
-    want = reference(torch_pipeline_dir, batch, got, prediction_type, noise_offset)
+@pytest.mark.parametrize("prediction_type,noise_offset,input_perturbation,dream",
+                         [("epsilon", 0.0, 0.0, None), ("v_prediction", 0.1, 0.1, None), ("epsilon", 0.1, 0.0, 0.5)])
+def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch, prediction_type, noise_offset,
+                                                      input_perturbation, dream):
+    """With --input_perturbation (v-prediction, so that the target's noise and the input's differ in the loss) the
+    UNet's input is noised with noise + gamma x the perturbation stream, the velocity target with the noise. With
+    --dream_training (epsilon, detail preservation 0.5) the reference calls diffusers' compute_dream_and_update_latents
+    itself, on the noise with its offset, as train_text_to_image.py does."""
+    got = ours(torch_pipeline_dir, batch, prediction_type, noise_offset, input_perturbation, dream)
+    want = reference(torch_pipeline_dir, batch, got, prediction_type, noise_offset, input_perturbation, dream)
     norms = [w["grad_norm"] for w in want]
-    assert max(norms) > MAX_GRAD_NORM > min(norms), norms  # steps with and without clipping
+    assert max(norms) > MAX_GRAD_NORM, norms
+    if dream is None:  # steps with and without clipping (DREAM's larger targets clip all three: 4.8, 4.9, 3.7)
+        assert MAX_GRAD_NORM > min(norms), norms
     check_steps(got, want)
 
 

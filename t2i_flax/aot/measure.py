@@ -129,6 +129,7 @@ def train_step_report(setup, size: tuple[int, int] | None = None) -> dict:
             padded["argument_bytes"] = sum(padded.values())
         result["padded"] = padded
     result["trained_params"] = param_count(state.params)
+    result["optimizer"] = setup.config.optimizer.optimizer
     return result
 
 
@@ -165,7 +166,8 @@ def validation_report(setup) -> dict:
     lengths = [int(each.model_max_length) for each in setup.base.tokenizers]
     result, _ = compile_measured(lambda: sampler.compile(
         abstract, scheduler, batch, *settings.size(config.data.resolution), guidance, max_length=lengths,
-        zero_negative=sampler.zero_negative(guidance, None)))
+        zero_negative=sampler.zero_negative(guidance, None),
+        guidance_rescale=settings.validation_guidance_rescale > 0))
     shared = per_device_bytes([leaf for leaf in jax.tree_util.tree_leaves(unet_params)
                                if getattr(leaf, "sharding", None) is not None]) \
         + per_device_bytes(setup.frozen["text_encoder"]) + (per_device_bytes(text_2) if text_2 else 0)

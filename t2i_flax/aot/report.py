@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+# What the report calls the optimizer state of each --optimizer.
+OPTIMIZER_NAMES = {"adamw": "Adam", "adafactor": "Adafactor", "lion": "Lion", "prodigy": "Prodigy"}
+
+
 def _size(value) -> str:
     """Bytes as GiB (2 decimals), or MiB below 1 GiB (tiny models)."""
     if value is None:
@@ -30,7 +34,8 @@ def report_text(result: dict) -> str:
     for title, sizes in (("arguments in the compiled layouts", step["padded"]),
                          ("arguments from shapes", step["shapes"])):
         if sizes:
-            lines.append(f"  {title}: {_size(sizes['argument_bytes'])} = params {_size(sizes['params_bytes'])} + Adam "
+            lines.append(f"  {title}: {_size(sizes['argument_bytes'])} = params {_size(sizes['params_bytes'])} + "
+                         f"{OPTIMIZER_NAMES.get(step.get('optimizer', 'adamw'), 'optimizer')} "
                          f"{_size(sizes['opt_state_bytes'])} + EMA {_size(sizes['ema_bytes'])} + frozen models "
                          f"{_size(sizes['frozen_bytes'])} + batch {_size(sizes['batch_bytes'])}")
     lines += _memory_lines(step, usable)

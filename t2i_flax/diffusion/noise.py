@@ -68,18 +68,46 @@ def betas_for(config: dict) -> np.ndarray:
 
 def schedule_from_config(config: dict, prediction_type: str | None = None) -> NoiseSchedule:
     """`prediction_type` (the --prediction_type flag) overrides the config's."""
-    if config.get("rescale_betas_zero_snr"):
-        raise ModelError("scheduler config rescale_betas_zero_snr=true is not supported by t2i_flax")
     prediction = prediction_type or config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ModelError(f"prediction_type {prediction!r} is not supported (use epsilon or v_prediction)")
+    check_zero_terminal_snr(config, prediction)
     return NoiseSchedule(alphas_cumprod_for(config), prediction)
+
+
+def check_zero_terminal_snr(config: dict, prediction_type: str) -> None:
+    """Zero terminal SNR with epsilon prediction is refused: at the last timestep the input is pure noise, so the
+    noise target is the input itself and a sampler's x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) divides by 0."""
+    if config.get("rescale_betas_zero_snr") and prediction_type == "epsilon":
+        raise ModelError("zero terminal SNR (rescale_betas_zero_snr) needs v-prediction: with epsilon the last "
+                         "timestep cannot be denoised; add --prediction_type v_prediction")
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023 (Common Diffusion Noise Schedules and Sample Steps are Flawed), algorithm 1, as diffusers'
+    schedulers apply it to their float32 betas: sqrt(alphas_cumprod) shifted so that its last value is 0 and scaled
+    so that its first is unchanged; the betas of that schedule (the last is 1)."""
+    root = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root ** 2
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return (1.0 - alphas).astype(np.float32)
+
+
+def zero_terminal_snr_config(config: dict) -> dict:
+    """A scheduler config with zero terminal SNR (--rescale_betas_zero_snr): the rescaled betas, and timesteps that
+    start at the last one when sampling ("trailing"), as the paper and diffusers' docs pair them."""
+    return dict(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def alphas_cumprod_for(config: dict) -> np.ndarray:
     """float32 prod(1 - beta) over the schedule, accumulated in float64 as torch's CPU cumprod does (a
     float32 cumprod drifts by ~1e-6 over 1000 factors, which the small sigmas near t = 0 magnify)."""
-    return np.cumprod((1.0 - betas_for(config)).astype(np.float64)).astype(np.float32)
+    betas = betas_for(config)
+    if config.get("rescale_betas_zero_snr"):  # the last alphas_cumprod becomes exactly 0
+        betas = rescale_zero_terminal_snr(betas)
+    return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
 
 
 def read_scheduler_config(model_dir: str) -> dict:

@@ -85,6 +85,17 @@ def to_uint8(images_BHWC) -> np.ndarray:
     return (np.asarray(images_BHWC, np.float32) * 255).round().astype(np.uint8)
 
 
+def rescale_noise_cfg(noise_cfg_BCHW, noise_pred_text_BCHW, guidance_rescale):
+    """Lin et al. 2023, section 3.4, as diffusers' rescale_noise_cfg: the guided prediction scaled to the text
+    prediction's per-sample standard deviation (torch's, unbiased), mixed with the unscaled one by
+    `guidance_rescale` (0: unchanged, 1: fully rescaled). Applied to the raw model output (v for v-prediction)."""
+    axes = tuple(range(1, noise_cfg_BCHW.ndim))
+    std_text = jnp.std(noise_pred_text_BCHW, axis=axes, keepdims=True, ddof=1)
+    std_cfg = jnp.std(noise_cfg_BCHW, axis=axes, keepdims=True, ddof=1)
+    rescaled_BCHW = noise_cfg_BCHW * (std_text / std_cfg)
+    return guidance_rescale * rescaled_BCHW + (1 - guidance_rescale) * noise_cfg_BCHW
+
+
 class Sampler:
     """The sampling program for one set of modules on one mesh.
 
@@ -138,9 +149,10 @@ class Sampler:
         return jax.make_array_from_single_device_arrays(array.shape, self.batch_sharding, shards)
 
     def place_inputs(self, prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler: schedulers.Scheduler,
-                     guidance_scale: float):
+                     guidance_scale: float, guidance_rescale: float = 0.0):
         """The program's arguments after the params, moved explicitly (so that a caller running under
-        jax.transfer_guard("disallow") can place them once and call `program`/a compiled one)."""
+        jax.transfer_guard("disallow") can place them once and call `program`/a compiled one). With guidance and
+        `guidance_rescale` > 0, one more argument: the rescale (a program compiled with guidance_rescale=True)."""
         replicated = sharding.replicated(self.mesh)
 
         def place(ids):
@@ -149,31 +161,38 @@ class Sampler:
         if guidance_scale > 1.0 and negative_ids_BL is None and not self.force_zeros_for_empty_prompt:
             raise errors.FlagError("classifier-free guidance needs negative prompt ids (\"\" for none)")
         negative = place(negative_ids_BL) if guidance_scale > 1.0 else None
-        return (place(prompt_ids_BL), negative, self.place_batch(noise_BCHW),
-                jax.device_put(scheduler, replicated), jax.device_put(np.float32(guidance_scale), replicated))
+        inputs = (place(prompt_ids_BL), negative, self.place_batch(noise_BCHW),
+                  jax.device_put(scheduler, replicated), jax.device_put(np.float32(guidance_scale), replicated))
+        if guidance_scale > 1.0 and guidance_rescale > 0.0:
+            inputs += (jax.device_put(np.float32(guidance_rescale), replicated),)
+        return inputs
 
     # ---- running and compiling -------------------------------------------------------------------
     def __call__(self, params, prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler: schedulers.Scheduler,
-                 guidance_scale: float = 7.5, output_type: str = "np"):
+                 guidance_scale: float = 7.5, output_type: str = "np", guidance_rescale: float = 0.0):
         """Images (B, H, W, 3) float32 in [0, 1], or with output_type="latent" the final latents (B, C, h, w),
         as a jax.Array split over the mesh.
 
         `noise_BCHW`: the initial latents before the scheduler's init_noise_sigma (diffusers' `latents=`).
         `guidance_scale` > 1 turns classifier-free guidance on; `negative_ids_BL` (tokenized negative
-        prompts, "" for none) is then needed, and ignored otherwise."""
+        prompts, "" for none) is then needed, and ignored otherwise. `guidance_rescale` (0 to 1) rescales the
+        guided prediction towards the text prediction's standard deviation (diffusers' rescale_noise_cfg)."""
         if output_type not in OUTPUT_TYPES:
             raise errors.FlagError(f"output_type {output_type!r} is not one of: {', '.join(OUTPUT_TYPES)}")
-        inputs = self.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale)
+        inputs = self.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale,
+                                   guidance_rescale)
         return self.program(params, *inputs, guidance=guidance_scale > 1.0, output_type=output_type)
 
     def compile(self, abstract_params, scheduler: schedulers.Scheduler, batch: int, height: int, width: int,
-                guidance: bool, output_type: str = "np", max_length=None, zero_negative: bool = False):
+                guidance: bool, output_type: str = "np", max_length=None, zero_negative: bool = False,
+                guidance_rescale: bool = False):
         """Ahead-of-time compile from shapes only (e.g. before training, so that a sampler that does not fit
         device memory fails early). `abstract_params`: ShapeDtypeStructs (or arrays) of `sampler_params`;
         leaves without a sharding get the sharding table's. Returns the jax Compiled program, called as
         `compiled(params, *sampler.place_inputs(prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler,
         guidance_scale))` with params placed as the abstract ones say. `max_length`: the token ids' length (one per
-        tokenizer for SDXL); `zero_negative`: compiled for no negative prompt (SDXL's zero conditioning)."""
+        tokenizer for SDXL); `zero_negative`: compiled for no negative prompt (SDXL's zero conditioning);
+        `guidance_rescale`: compiled for a guidance rescale > 0 (with guidance)."""
         if batch % self.mesh.size:
             raise errors.FlagError(f"a batch of {batch} images does not split over {self.mesh.size} devices")
         shardings = sharding.tree_shardings(self.mesh, abstract_params)
@@ -193,8 +212,9 @@ class Sampler:
         abstract_scheduler = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), scheduler)
         scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+        rescale = (scale,) if guidance and guidance_rescale else ()
         lowered = self.program.lower(params, ids, ids if guidance and not zero_negative else None, noise,
-                                     abstract_scheduler, scale, guidance=guidance, output_type=output_type)
+                                     abstract_scheduler, scale, *rescale, guidance=guidance, output_type=output_type)
         return lowered.compile()
 
     # ---- the program -----------------------------------------------------------------------------
@@ -207,7 +227,7 @@ class Sampler:
         return self.family.condition(self.modules, params, batch)
 
     def _sample(self, params: dict[str, Any], prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale,
-                *, guidance: bool, output_type: str):
+                guidance_rescale=None, *, guidance: bool, output_type: str):
         self.traces += 1
         constrain = lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding)  # noqa: E731
         batch = noise_BCHW.shape[0]
@@ -242,6 +262,8 @@ class Sampler:
                 noise_pred_uncond_BCHW, noise_pred_text_BCHW = jnp.split(noise_pred_NCHW, 2)
                 noise_pred_BCHW = noise_pred_uncond_BCHW + guidance_scale * (noise_pred_text_BCHW
                                                                              - noise_pred_uncond_BCHW)
+                if guidance_rescale is not None:  # None: not compiled in (the program is as without it)
+                    noise_pred_BCHW = rescale_noise_cfg(noise_pred_BCHW, noise_pred_text_BCHW, guidance_rescale)
             else:
                 noise_pred_BCHW = noise_pred_NCHW
             latents_BCHW, state = schedulers.step(scheduler, state, noise_pred_BCHW, i, latents_BCHW)

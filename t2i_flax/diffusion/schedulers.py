@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2i_flax import errors
-from t2i_flax.diffusion.noise import alphas_cumprod_for
+from t2i_flax.diffusion.noise import alphas_cumprod_for, check_zero_terminal_snr
 
 CLASS_NAMES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
                "dpm++2m": "DPMSolverMultistepScheduler"}
@@ -65,7 +65,7 @@ SUPPORTED = {
     "solver_type": ("midpoint", "heun"),
     "solver_order": (1, 2),
     "variance_type": (None,),
-    **{key: (False, None) for key in ("thresholding", "rescale_betas_zero_snr", "use_karras_sigmas",
+    **{key: (False, None) for key in ("thresholding", "use_karras_sigmas",
                                       "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                                       "use_flow_sigmas", "use_dynamic_shifting")},
 }
@@ -126,7 +126,11 @@ def make_scheduler(config: dict, num_inference_steps: int, name: str | None = No
     if not 1 <= num_inference_steps <= train_steps:
         raise errors.FlagError(f"--steps {num_inference_steps} must be between 1 and the model's "
                                f"num_train_timesteps ({train_steps})")
-    alphas_cumprod = alphas_cumprod_for(resolved)
+    alphas_cumprod = alphas_cumprod_for(resolved)  # with rescale_betas_zero_snr: its last value is 0
+    if resolved.get("rescale_betas_zero_snr"):  # DDIM, Euler, DPM-Solver (PNDM ignores the key, as diffusers')
+        check_zero_terminal_snr(resolved, resolved["prediction_type"])
+        if name in ("euler", "dpm++2m"):  # as diffusers': close to 0, so that the first sigma is finite (~4096)
+            alphas_cumprod = np.concatenate([alphas_cumprod[:-1], [2.0 ** -24]]).astype(np.float32)
     build = {"ddim": _ddim, "pndm": _pndm, "euler": _euler, "dpm++2m": _dpm_solver}[name]
     timesteps, init_noise_sigma, tables = build(resolved, alphas_cumprod, num_inference_steps)
     clip = float(resolved["clip_sample_range"]) if name == "ddim" and resolved["clip_sample"] else None
