@@ -12,7 +12,6 @@ import dataclasses
 
 import numpy as np
 
-from t2i_flax.config import TIMESTEP_BIAS_STRATEGIES as STRATEGIES  # noqa: F401  (the flag's choices)
 from t2i_flax.errors import FlagError
 
 
