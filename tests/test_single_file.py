@@ -5,7 +5,6 @@ must have (diffusers cannot write one); what diffusers is lenient about (4-D VAE
 sits, OpenCLIP keys) is checked by name."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ import torch
 
 from t2i_flax import cli, errors, export, generate, hub, single_file, weights
 from t2i_flax.family import detect
+
+from test_weights import make_offline_cache
 
 KINDS = ("sd1", "sd2", "sdxl")
 PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
@@ -241,20 +242,6 @@ def test_export_command_writes_a_folder_as_one_file(folders, tmp_path, capsys):
     assert export.main(["--pipeline", folders["sd1"], "--output_dir", output_dir, "--single_file",
                         "--export_dtype", "int8"]) == errors.EXIT_USAGE
     assert "is not one of: float16, bfloat16, float32" in capsys.readouterr().err
-
-
-def make_offline_cache(cache_dir, repo_id, files: dict):
-    """A Hugging Face cache laid out as huggingface_hub writes it (refs/main -> snapshot)."""
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
-    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
-    with open(os.path.join(repo, "refs", "main"), "w") as handle:
-        handle.write(commit)
-    for name, source in files.items():
-        target = os.path.join(repo, "snapshots", commit, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy(source, target)
-    return os.path.join(repo, "snapshots", commit)
 
 
 def test_a_hub_file_with_the_default_configs_from_the_offline_cache(folders, files, tmp_path, monkeypatch):
