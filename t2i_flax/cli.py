@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="peft (diffusers' keys, default) | kohya (lora_unet_* keys: ComfyUI, A1111, Forge): the LoRA file's keys.")
     a("--use_dora", action="store_true",
       help="DoRA (PEFT's): also train a magnitude per output feature; the file loads in diffusers with PEFT.")
+    a("--train_text_encoder", action="store_true",
+      help="With --lora_rank: also train LoRA adapters on the text encoder(s) (SDXL: both), on their q_proj, k_proj, "
+           "v_proj and out_proj (PEFT's default for CLIP, as diffusers' LoRA scripts). Full fine-tuning of the text "
+           "encoder is not supported.")
     a("--lora_init", type=str, default=None,
       help="Continue training this LoRA file (PEFT or kohya keys; its rank and alpha must be --lora_rank's and "
            "--lora_alpha's): the adapters start from its tensors.")

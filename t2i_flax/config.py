@@ -318,7 +318,8 @@ LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the PyTorch LoRA script's
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """LoRA fine-tuning: adapters on the frozen UNet are the only trained parameters."""
+    """LoRA fine-tuning: adapters on the frozen UNet (and, --train_text_encoder, text encoders) are the only trained
+    parameters."""
     lora_rank: int | None = None            # None: full fine-tuning; also --rank (the PyTorch LoRA script's)
     lora_alpha: float | None = None         # default: the rank (scale 1)
     lora_target_modules: str = LORA_TARGETS  # PyTorch module names, comma-separated
@@ -326,9 +327,13 @@ class LoraConfig:
     lora_format: str = "peft"               # the LoRA file's keys: peft (diffusers) | kohya (ComfyUI, A1111, Forge)
     lora_init: str | None = None            # start from this LoRA file's adapters (a resumed checkpoint wins)
     use_dora: bool = False                  # DoRA (PEFT's): a trained magnitude per output feature of each layer
+    train_text_encoder: bool = False        # also LoRA on the text encoder(s) (their q/k/v/out projections)
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"lora_merge", "lora_format", "lora_init"})
 
     def __post_init__(self):
+        if self.train_text_encoder and self.lora_rank is None:
+            raise FlagError("--train_text_encoder without --lora_rank: t2i_flax does not fine-tune the whole text "
+                            "encoder; add --lora_rank to train LoRA adapters on it (and the UNet)")
         _one_of("lora_format", self.lora_format, ("peft", "kohya"))
         if self.lora_rank is not None:
             _positive(self, "lora_rank", "lora_alpha")

@@ -72,8 +72,9 @@ class PipelineWriter:
     family: object = None            # family.StableDiffusion (None) | family.StableDiffusionXL
     vae_dir: str | None = None       # --pretrained_vae_model_name_or_path: the VAE trained with, exported with
 
-    def write_pipeline(self, unet_params) -> None:
-        """The pipeline folder with these UNet parameters (host arrays)."""
+    def write_pipeline(self, unet_params, text_encoders: dict | None = None) -> None:
+        """The pipeline folder with these UNet parameters (host arrays), and `text_encoders` ({name: host params},
+        e.g. merged text-encoder LoRA) in place of the base model's."""
         from t2i_flax.family import STABLE_DIFFUSION, text_encoder_class
         from t2i_flax.models import FlaxAutoencoderKL
 
@@ -83,8 +84,10 @@ class PipelineWriter:
                                                                subfolder=None if self.vae_dir else "vae",
                                                                variant=self.variant)}
         for name in family.text_encoders:
-            components[name] = text_encoder_class(name).from_pretrained(self.model_dir, subfolder=name,
-                                                                        variant=self.variant)
+            module, params = text_encoder_class(name).from_pretrained(self.model_dir, subfolder=name,
+                                                                      variant=self.variant,
+                                                                      load_weights=name not in (text_encoders or {}))
+            components[name] = (module, (text_encoders or {}).get(name, params))
         export_pipeline(self.output_dir, components, self.training_scheduler_config, self.prediction_type,
                         {name: os.path.join(self.model_dir, name) for name in family.tokenizer_folders}, family)
 
@@ -93,6 +96,12 @@ class PipelineWriter:
         from t2i_flax.models import FlaxUNet2DConditionModel
 
         return FlaxUNet2DConditionModel.from_pretrained(self.model_dir, subfolder="unet", variant=self.variant)[1]
+
+    def base_text_encoder_params(self, name: str):
+        """The base model's text encoder `name` ("text_encoder" | "text_encoder_2"), host, float32."""
+        from t2i_flax.family import text_encoder_class
+
+        return text_encoder_class(name).from_pretrained(self.model_dir, subfolder=name, variant=self.variant)[1]
 
 
 def write_single_file(output_dir: str, dtype: str | None = None, pipeline_dir: str | None = None) -> str:
@@ -132,13 +141,13 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
     text encoder come from the base model the run trained from (at the Hub commit it resolved to).
     Returns what was exported ("EMA" or "raw")."""
     import jax
+    import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
 
     from t2i_flax import checkpoint, hub, resume, trainable
     from t2i_flax.config import RunConfig
     from t2i_flax.diffusion.noise import read_scheduler_config, schedule_from_config, zero_terminal_snr_config
     from t2i_flax.family import detect
-    from t2i_flax.models import FlaxUNet2DConditionModel
 
     if checkpoint.is_remote(checkpoint_path) or os.path.isdir(checkpoint_path):
         directory, step = resume.parse_resume(os.path.abspath(checkpoint_path)
@@ -160,10 +169,12 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
     model_dir = hub.resolve_model_dir(config.model.pretrained_model_name_or_path, revision=revision,
                                       variant=config.model.variant, cache_dir=config.model.cache_dir,
                                       single_file_config=config.model.single_file_config)
-    unet, _ = FlaxUNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant=config.model.variant,
-                                                       load_weights=False)
+    model_family = detect(model_dir)
+    modules = model_family.modules(model_dir, jnp.float32, variant=config.model.variant,
+                                   vae_dir=config.model.pretrained_vae_model_name_or_path)
+    unet = modules.unet
     item = checkpoint.ITEM_EMA if use_ema and config.train.use_ema else checkpoint.ITEM_PARAMS
-    trained_kind = trainable.from_config(config)
+    trained_kind = trainable.from_config(config, modules)
     where = SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
                                       trained_kind.abstract_params(unet))
@@ -173,7 +184,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Tru
         scheduler_config = zero_terminal_snr_config(scheduler_config)
     prediction_type = schedule_from_config(scheduler_config, config.model.prediction_type).prediction_type
     trained_kind.export(PipelineWriter(output_dir, model_dir, config.model.variant, unet, scheduler_config,
-                                       prediction_type, detect(model_dir),
+                                       prediction_type, model_family,
                                        config.model.pretrained_vae_model_name_or_path), params)
     return "EMA" if item == checkpoint.ITEM_EMA else "raw"
 

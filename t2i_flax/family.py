@@ -6,6 +6,7 @@ model_index.json, else the UNet config), before any data is read.
     modules = family.modules(model_dir, dtype, variant=..., attention=...)    # configs only, no weights
     modules, params = family.load(model_dir, dtype, variant=..., unet=True)   # params: {component: host tree}
     context, added = family.condition(modules, frozen, batch)                 # in the step: the UNet's inputs
+    context, added = family.condition(modules, params, batch, lora.apply_adapted)  # text encoders with adapters
 
 Stable Diffusion 1.x/2.x: one CLIP text encoder whose last hidden state is the UNet's context. SDXL: two (CLIP
 ViT-L and OpenCLIP bigG with a projection); the context is both penultimate hidden states side by side, and the
@@ -37,6 +38,11 @@ class Modules:
 
 
 TEXT_ENCODER_CLASSES = {"text_encoder": "FlaxCLIPTextModel", "text_encoder_2": "FlaxCLIPTextModelWithProjection"}
+
+
+def apply_frozen(module, params, *args, **kwargs):
+    """A text encoder applied with its own parameters (family.condition's default `apply_text_encoder`)."""
+    return module.apply({"params": params}, *args, **kwargs)
 
 
 def text_encoder_class(component: str):
@@ -95,9 +101,11 @@ class StableDiffusion:
         return {names[i]: jax.ShapeDtypeStruct((global_batch_size, length), jnp.int32, sharding=where)
                 for i, length in enumerate(max_lengths)}
 
-    def condition(self, modules: Modules, frozen: dict, batch: dict):
-        """(the UNet's context (B, L, D), its added conditions or None) from the batch's token ids."""
-        return modules.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"]).last_hidden_state, \
+    def condition(self, modules: Modules, params: dict, batch: dict, apply_text_encoder=apply_frozen):
+        """(the UNet's context (B, L, D), its added conditions or None) from the batch's token ids. `params[name]`:
+        what `apply_text_encoder(module, params[name], input_ids, **options)` applies each text encoder with (by
+        default its frozen parameters; with --train_text_encoder its base and LoRA adapters, lora.apply_adapted)."""
+        return apply_text_encoder(modules.text_encoder, params["text_encoder"], batch["input_ids"]).last_hidden_state, \
             None
 
     def model_index(self) -> dict:
@@ -146,13 +154,13 @@ class StableDiffusionXL(StableDiffusion):
         batch["time_ids"] = jax.ShapeDtypeStruct((global_batch_size, TIME_IDS), jnp.float32, sharding=where)
         return batch
 
-    def condition(self, modules: Modules, frozen: dict, batch: dict):
+    def condition(self, modules: Modules, params: dict, batch: dict, apply_text_encoder=apply_frozen):
         """Both encoders' penultimate hidden states side by side; the second's projected pooled output and the
         time ids as the UNet's added conditions (as diffusers' SDXL training script)."""
-        first = modules.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"],
-                                           output_hidden_states=True)
-        second = modules.text_encoder_2.apply({"params": frozen["text_encoder_2"]}, batch["input_ids_2"],
-                                              output_hidden_states=True)
+        first = apply_text_encoder(modules.text_encoder, params["text_encoder"], batch["input_ids"],
+                                   output_hidden_states=True)
+        second = apply_text_encoder(modules.text_encoder_2, params["text_encoder_2"], batch["input_ids_2"],
+                                    output_hidden_states=True)
         context = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
         return context, {"text_embeds": second.text_embeds, "time_ids": batch["time_ids"].astype(context.dtype)}
 

@@ -6,7 +6,8 @@ or a Hub repo id.
 
 Writes image_000.png, image_001.png, ... and grid.png to --out; the same seed gives the same files.
 `--lora DIR [--lora_scale S]` applies a LoRA (pytorch_lora_weights.safetensors: ours, or a diffusers/PEFT/kohya
-file trained elsewhere) beside the UNet's linear layers, at the file's alpha / rank times S.
+file trained elsewhere) beside the UNet's linear layers, and its text-encoder adapters (--train_text_encoder's)
+beside the text encoders', at the file's alpha / rank times S.
 Bad input is one line on stderr and exit code 2, before anything is written.
 
 From Python:
@@ -43,7 +44,8 @@ class Pipeline:
     tokenizers: tuple  # one CLIPTokenizer per text encoder
     scheduler_config: dict
     model_dir: str
-    lora: Any = None  # lora_files.LoraInfo of the applied LoRA file, if any
+    lora: Any = None  # lora_files.LoraInfo of the applied LoRA file's UNet adapters (else its first), if any
+    lora_components: dict = dataclasses.field(default_factory=dict)  # {"unet"|"text_encoder"|...: LoraInfo}
 
     @property
     def tokenizer(self):
@@ -88,18 +90,28 @@ def load_pipeline(model: str, mixed_precision: str = "no", mesh=None, revision: 
     family = detect(model_dir)
     tokenizers = family.tokenizers(model_dir)
     modules, loaded = family.load(model_dir, dtype, variant=variant)
-    unet, unet_params = modules.unet, loaded["unet"]
-    unet_fn, lora_info = None, None
-    if lora is not None:  # the shapes of the loaded params are the abstract tree it is checked against
-        lora_params, lora_info = lora_files.load_lora_weights(lora, unet_params)
-        unet_params = lora_adapters.sampler_unet_params(unet_params, lora_params, lora_info.scale * lora_scale)
-        unet_fn = lora_adapters.sampler_unet_fn(unet)
+    unet = modules.unet
+    models = {name: loaded[name] for name in ("unet",) + family.text_encoders}
+    unet_fn = text_encoder_fn = None
+    lora_infos = {}
+    if lora is not None:  # the shapes of the loaded params are the abstract trees it is checked against
+        lora_params, lora_infos = lora_files.load_lora_components(lora, models)
+        if not lora_params:
+            raise errors.ModelError(f"LoRA file {lora_files.find_lora_file(lora)} holds no LoRA tensors")
+        adapted = lambda name: lora_adapters.sampler_unet_params(  # noqa: E731  (an empty tree: no adapters)
+            models[name], lora_params.get(name, {}), lora_infos[name].scale * lora_scale if name in lora_infos else 1.0)
+        if "unet" in lora_params:
+            models["unet"], unet_fn = adapted("unet"), lora_adapters.sampler_unet_fn(unet)
+        if set(lora_params) & set(family.text_encoders):  # the text-encoder LoRA of --train_text_encoder
+            models.update({name: adapted(name) for name in family.text_encoders})
+            text_encoder_fn = lora_adapters.apply_adapted
     sampler = sample.Sampler(unet, modules.vae, modules.text_encoder,
                              mesh if mesh is not None else sharding.make_mesh(), unet_fn, modules.text_encoder_2,
-                             family, force_zeros_for_empty_prompt(model_dir, family))
-    params = sampler.place_params(sample.sampler_params(unet_params, loaded["text_encoder"], loaded["vae"],
-                                                        loaded.get("text_encoder_2")))
-    return Pipeline(sampler, params, tokenizers, scheduler_config, model_dir, lora_info)
+                             family, force_zeros_for_empty_prompt(model_dir, family), text_encoder_fn)
+    params = sampler.place_params(sample.sampler_params(models["unet"], models["text_encoder"], loaded["vae"],
+                                                        models.get("text_encoder_2")))
+    return Pipeline(sampler, params, tokenizers, scheduler_config, model_dir,
+                    lora_infos.get("unet", next(iter(lora_infos.values()), None)), lora_infos)
 
 
 def check_guidance_rescale(guidance_rescale: float, flag: str = "--guidance_rescale") -> None:
@@ -269,9 +281,9 @@ def run(args) -> list[str]:
     print(f"generate: loading {args.model}", flush=True)
     pipeline = load_pipeline(args.model, args.mixed_precision, sharding.make_mesh(devices=devices[:used]),
                              lora=args.lora, lora_scale=args.lora_scale, single_file_config=args.single_file_config)
-    if pipeline.lora is not None:
-        info = pipeline.lora
-        print(f"generate: LoRA {info.path}: {info.modules} adapted layers, rank {info.rank}, scale "
+    for component, info in pipeline.lora_components.items():
+        where = "" if component == "unet" else f" of {component}"
+        print(f"generate: LoRA {info.path}: {info.modules} adapted layers{where}, rank {info.rank}, scale "
               f"{info.scale:g} x {args.lora_scale:g}", flush=True)
     config_class = pipeline.scheduler_config.get("_class_name")
     scheduler = args.scheduler or schedulers.default_name(pipeline.scheduler_config)

@@ -1,10 +1,11 @@
-"""LoRA adapters for the UNet, the math: targets, init, apply inside the forward, merge. The files (PEFT,
-diffusers) are t2i_flax/lora_files.py.
+"""LoRA adapters for the UNet (and, with --train_text_encoder, the CLIP text encoders), the math: targets, init,
+apply inside the forward, merge. The files (PEFT, diffusers, kohya) are t2i_flax/lora_files.py and t2i_flax/kohya.py.
 
     modules = lora.adapted_modules(unet.abstract_params(), lora.DEFAULT_TARGET_MODULES)  # our paths -> (in, out)
     lora_params = lora.init_lora_params(key, unet.abstract_params(), rank=4)   # the trainable tree
     scale = lora.lora_scale(rank=4, alpha=None)                                 # alpha / rank
     noise_pred = lora.apply_unet(unet, base_params, lora_params, scale, noisy_latents, timesteps, context).sample
+    hidden = lora.apply_module(text_encoder, te_base, te_lora, scale, input_ids).last_hidden_state  # any module
     merged = lora.merge_lora(base_params_float32, lora_params, scale)           # --lora_merge
     dora_params = lora.with_dora_magnitudes(lora_params, base_params, scale)    # --use_dora: m = ||W + s B A||
 
@@ -26,7 +27,7 @@ kernel per adapted layer where LoRA costs none.
 Leaves are named lora_A/lora_B/lora_magnitude, never `kernel`, so sharding.PARTITION_RULES leaves them replicated
 (they are small); optimizer state, EMA and checkpoints built on this tree cover the adapters only.
 
-How the adapters are applied, and why. `apply_unet` runs the unmodified UNet under
+How the adapters are applied, and why. `apply_module` runs the unmodified UNet (or text encoder) under
 `flax.linen.intercept_methods`: the interceptor sees every module method call; for the `__call__` of an
 `nn.Dense` whose path has an adapter it returns `base(x) + scale * ((x @ A) @ B)`, where base(x) is the
 Dense's own call on the frozen kernel and the adapter branch is computed as the Dense computes (inputs and
@@ -40,7 +41,7 @@ base than per weight: on a 1280-wide bf16 projection with |A@B| / |W| = 6e-4, me
 kernel unchanged and loses 66% of the delta, the adapter beside it loses 16% (tests/test_lora.py). Merging
 would also materialise a full kernel per adapted layer in every step.
 The interceptor is plain Python at trace time, so the whole thing is jit/grad/shard friendly: gradients of
-`apply_unet` with respect to `lora_params` flow through the adapter branch only; the base parameters are an
+`apply_module` with respect to `lora_params` flow through the adapter branch only; the base parameters are an
 ordinary (non-differentiated) argument.
 
 Scale: PEFT's `lora_alpha / r` (`--lora_alpha` defaults to the rank: scale 1)."""
@@ -62,6 +63,9 @@ from t2i_flax.errors import FlagError, name_examples
 # train_text_to_image_lora.py's targets (PyTorch module names, PEFT's matching rule: the name or a suffix
 # after a dot).
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# The text encoders' targets with --train_text_encoder: PEFT's default for CLIP, what diffusers' LoRA scripts give
+# the text encoder's LoraConfig.
+TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 A, B = "lora_A", "lora_B"
 M = "lora_magnitude"  # DoRA: the magnitude per output feature, (out,) float32
 
@@ -100,14 +104,15 @@ def kernel_shapes(abstract_params: Mapping) -> dict[Path, tuple[int, ...]]:
             if path[-1] == "kernel"}
 
 
-def adapted_modules(unet_abstract_params: Mapping, target_modules: str | Sequence[str] = DEFAULT_TARGET_MODULES
-                    ) -> dict[Path, tuple[int, int]]:
+def adapted_modules(unet_abstract_params: Mapping, target_modules: str | Sequence[str] = DEFAULT_TARGET_MODULES,
+                    model: str = "UNet") -> dict[Path, tuple[int, int]]:
     """The nn.Dense modules the targets name: our path -> (in_features, out_features), sorted by path.
     `target_modules`: PyTorch module names or their last parts ("to_q", "to_out.0", "ff.net.2", a full name),
     a list or the flag's comma-separated string.
 
-    `unet_abstract_params`: the UNet's tree of ShapeDtypeStructs (`unet.abstract_params()`) or arrays.
-    FlagError (one line) for a target that names no linear layer, or that names convolutions."""
+    `unet_abstract_params`: the UNet's tree of ShapeDtypeStructs (`unet.abstract_params()`) or arrays (or another
+    model's: `model` names it in the errors). FlagError (one line) for a target that names no linear layer, or that
+    names convolutions."""
     kernels = kernel_shapes(unet_abstract_params)
     names = {torch_module_name(path): path for path in kernels}
     found: dict[Path, tuple[int, int]] = {}
@@ -119,7 +124,7 @@ def adapted_modules(unet_abstract_params: Mapping, target_modules: str | Sequenc
                             f"LoRA here adapts linear layers only")
         if not matched:
             linear = sorted({_short(name) for name, path in names.items() if len(kernels[path]) == 2})
-            raise FlagError(f"--lora_target_modules: {target!r} matches no linear layer of the UNet (PyTorch "
+            raise FlagError(f"--lora_target_modules: {target!r} matches no linear layer of the {model} (PyTorch "
                             f"module names or their last parts, e.g. {', '.join(linear)})")
         for name in matched:
             found[names[name]] = kernels[names[name]]
@@ -152,12 +157,12 @@ def lora_scale(rank: int, alpha: float | None = None) -> float:
 
 
 def init_lora_params(rng, unet_abstract_params: Mapping, rank: int,
-                     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES) -> dict:
+                     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, model: str = "UNet") -> dict:
     """The trainable tree (layout in the module docstring): A ~ N(0, (1/rank)^2) as PEFT's
     init_lora_weights="gaussian", B = 0, float32. Module i (in path order) draws from split(rng)[i].
     Jit-able with everything but `rng` static (e.g. jax.jit(functools.partial(...), out_shardings=...))."""
     rank = check_rank(rank)
-    modules = adapted_modules(unet_abstract_params, target_modules)
+    modules = adapted_modules(unet_abstract_params, target_modules, model)
     keys = jax.random.split(rng, len(modules))
     flat = {}
     for key, (path, (features_in, features_out)) in zip(keys, modules.items()):
@@ -241,9 +246,9 @@ def dora_output(base_output, kernel, bias, lora_A, lora_B, magnitude, delta, sca
     return base_output + (gain - 1) * without_bias + gain * delta
 
 
-def apply_unet(unet: nn.Module, base_params: Mapping, lora_params: Mapping, scale, *args, **kwargs):
-    """`unet.apply({"params": base_params}, *args, **kwargs)` with every adapter of `lora_params` added
-    beside its nn.Dense (any flax module works, not only the UNet). `scale`: a Python float or a traced
+def apply_module(module: nn.Module, base_params: Mapping, lora_params: Mapping, scale, *args, **kwargs):
+    """`module.apply({"params": base_params}, *args, **kwargs)` with every adapter of `lora_params` added
+    beside its nn.Dense (any flax module: the UNet, a CLIP text encoder). `scale`: a Python float or a traced
     scalar. Use it inside the train step (differentiate with respect to `lora_params`) and, through
     `sampler_unet_fn`, in the sampler. ValueError when an adapter's module is never called (a tree that
     does not belong to this model)."""
@@ -267,24 +272,32 @@ def apply_unet(unet: nn.Module, base_params: Mapping, lora_params: Mapping, scal
                            base_flat.get(module.path + ("bias",)), *adapter, dora[module.path], delta, scale)
 
     with nn.intercept_methods(intercept):
-        output = unet.apply({"params": base_params}, *args, **kwargs)
+        output = module.apply({"params": base_params}, *args, **kwargs)
     unused = [path for path in by_path if path not in used]
     if unused:
         raise ValueError(f"LoRA adapters for modules the model never called: {name_examples(map('/'.join, unused))}")
     return output
 
 
+apply_unet = apply_module  # the UNet with its adapters
+
+
 def sampler_unet_params(base_params: Mapping, lora_params: Mapping, scale: float) -> dict:
-    """params["unet"] for a diffusion.sample.Sampler built with `sampler_unet_fn`: the base, the adapters and
-    the scale (a float32 scalar argument: another scale needs no recompile)."""
+    """params["unet"] (or a text encoder's) for a diffusion.sample.Sampler built with `sampler_unet_fn` (or
+    `apply_adapted` as its text_encoder_fn): the base, the adapters and the scale (a float32 scalar argument: another
+    scale needs no recompile)."""
     return {"base": base_params, "lora": lora_params, "scale": np.float32(scale)}
+
+
+def apply_adapted(module: nn.Module, adapted: Mapping, *args, **kwargs):
+    """`apply_module` of a `sampler_unet_params(...)` tree: the Sampler's text_encoder_fn hook with adapters."""
+    return apply_module(module, adapted["base"], adapted["lora"], adapted["scale"], *args, **kwargs)
 
 
 def sampler_unet_fn(unet: nn.Module) -> Callable:
     """The Sampler's `unet_fn` hook: (sampler_unet_params(...), latents, timestep, context, **added) -> noise_pred."""
     def unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD, **added):
-        return apply_unet(unet, unet_params["base"], unet_params["lora"], unet_params["scale"], latents_NCHW,
-                          timestep, text_embeddings_NLD, **added).sample
+        return apply_adapted(unet, unet_params, latents_NCHW, timestep, text_embeddings_NLD, **added).sample
     return unet_fn
 
 

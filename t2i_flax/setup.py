@@ -118,7 +118,7 @@ class TrainSetup:
     modules: families.Modules
     noise_schedule: NoiseSchedule
     dtype: object                 # the compute dtype
-    trained: object               # trainable.FullUNet | trainable.LoraAdapters: what is trained
+    trained: object               # trainable.FullUNet | LoraAdapters | TextEncoderLora: what is trained
     step_config: step.StepConfig
     state: step.TrainState        # sharded ShapeDtypeStructs
     state_sharding: object
@@ -172,10 +172,14 @@ class TrainSetup:
         what the export writes (a --prediction_type other than the base's changes both)."""
         return dict(self.base.scheduler_config, prediction_type=self.noise_schedule.prediction_type)
 
-    def sampler_unet(self, state, frozen: dict):
-        """(the sampler's params["unet"], its unet_fn) for the weights that are exported (the EMA with
-        --use_ema); arrays or ShapeDtypeStructs."""
-        return self.trained.sampler_unet(self.unet, step.exported_params(state), frozen)
+    def sampler_models(self, state, frozen: dict) -> tuple[dict, dict]:
+        """({"unet", "text_encoder"[, "text_encoder_2"]: the sampler's params}, {"unet_fn", "text_encoder_fn": its
+        hooks (None: the plain module)}) for the weights that are exported (the EMA with --use_ema); arrays or
+        ShapeDtypeStructs."""
+        trained = step.exported_params(state)
+        unet_params, unet_fn = self.trained.sampler_unet(self.unet, trained, frozen)
+        text_params, text_encoder_fn = self.trained.sampler_text_encoders(trained, frozen)
+        return {"unet": unet_params, **text_params}, {"unet_fn": unet_fn, "text_encoder_fn": text_encoder_fn}
 
 
 def abstract_batch(mesh, global_batch_size: int, size, max_length, vae, cache_latents: bool,
@@ -243,7 +247,7 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
     if config.data.aspect_ratio_buckets and config.data.bucket_step % multiple:
         raise FlagError(f"--bucket_step {config.data.bucket_step} must be a multiple of {multiple} for this model "
                         f"(its VAE and UNet downsample the images {multiple} times)")
-    trained = trainable.from_config(config)
+    trained = trainable.from_config(config, modules)
     step_config = make_step_config(config, plan, modules, noise_schedule, trained, base.family)
     if config.train.dream_training and noise_schedule.prediction_type != "epsilon":
         raise FlagError("--dream_training is for epsilon prediction (as diffusers' compute_dream_and_update_latents); "

@@ -206,13 +206,23 @@ def dream_latents_and_target(config: StepConfig, params, frozen: dict, noisy_lat
     return (noisy_latents + (sqrt_one_minus * delta).astype(noisy_latents.dtype)), target + delta
 
 
+def conditioned_loss(config: StepConfig, params, frozen: dict, batch: dict, latents, randomness, frozen_conditioning):
+    """`diffusion_loss` with the conditioning the trained params give: `frozen_conditioning` as it is where the text
+    encoders are frozen, else (--train_text_encoder) the text encoders with their adapters, so that the gradients
+    reach them (trainable.py's `condition`)."""
+    encoder_hidden_states, added_cond_kwargs = config.trainable.condition(config.family, config.modules, params, frozen,
+                                                                          batch, frozen_conditioning)
+    return diffusion_loss(config, params, frozen, latents, encoder_hidden_states, randomness, added_cond_kwargs)
+
+
 def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):
-    """(loss, gradients w.r.t. the UNet params) of one batch with the step key `key`."""
+    """(loss, gradients w.r.t. the trained params) of one batch with the step key `key`. What the frozen text encoders
+    give is computed outside the differentiated function (None where the text encoders are trained)."""
     randomness = step_randomness(config, key, batch_latent_shape(config, batch))
     latents = batch_latents(config, frozen, batch, randomness["posterior_noise"])
-    encoder_hidden_states, added_cond_kwargs = conditioning(config, frozen, batch)
-    return jax.value_and_grad(diffusion_loss, argnums=1)(config, params, frozen, latents, encoder_hidden_states,
-                                                         randomness, added_cond_kwargs)
+    frozen_conditioning = config.trainable.frozen_conditioning(config.family, config.modules, frozen, batch)
+    return jax.value_and_grad(conditioned_loss, argnums=1)(config, params, frozen, batch, latents, randomness,
+                                                           frozen_conditioning)
 
 
 def apply_gradients(config: StepConfig, state: TrainState, grads) -> TrainState:

@@ -83,7 +83,8 @@ def run(config: RunConfig) -> None:
         log(f"resumed from {source.step_path(resume_step)} (step {resume_step} of {plan.max_train_steps})")
     else:
         state, _ = step.create_state(built.step_config, mesh,
-                                     built.trained.initial_params(built.unet, params.get("unet")), config.train.seed)
+                                     built.trained.initial_params(built.unet, params.get("unet"), params),
+                                     config.train.seed)
         batches = loader.iterator()
         resume_step = 0
     frozen = built.place_frozen(params)
@@ -122,7 +123,7 @@ def run(config: RunConfig) -> None:
     def validate(finished_steps: int, state) -> None:
         if validation is None or finished_steps in validated:
             return
-        path, grid = validation(finished_steps, built.sampler_unet(state, frozen)[0])
+        path, grid = validation(finished_steps, built.sampler_models(state, frozen)[0])
         validated[finished_steps] = path
         writer.add_image(finished_steps, "validation", grid, caption="; ".join(config.validation.validation_prompts))
         log(f"validation images: {path}")
@@ -286,15 +287,15 @@ def make_validation(config: RunConfig, built: setup.TrainSetup, frozen: dict, st
     interval = config.validation.interval(built.plan.steps_per_epoch)
     if not interval:
         return None
-    unet_params, unet_fn = built.sampler_unet(state, frozen)
+    model_params, hooks = built.sampler_models(state, frozen)
     validation = Validation(config.validation, built.mesh, built.unet, built.vae, built.text_encoder,
-                            built.base.tokenizer, built.sampling_scheduler_config, frozen["text_encoder"], vae_params,
-                            _abstract(unet_params), config.validation.size(config.data.resolution), config.train.seed,
-                            config.output.output_dir, unet_fn=unet_fn, text_encoder_2=built.modules.text_encoder_2,
-                            tokenizer_2=built.base.tokenizer_2, text_2_params=frozen.get("text_encoder_2"),
-                            family=built.family,
+                            built.base.tokenizer, built.sampling_scheduler_config, vae_params,
+                            _abstract(model_params), config.validation.size(config.data.resolution), config.train.seed,
+                            config.output.output_dir, text_encoder_2=built.modules.text_encoder_2,
+                            tokenizer_2=built.base.tokenizer_2, family=built.family,
                             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(built.base.model_dir,
-                                                                                      built.family))
+                                                                                      built.family),
+                            dtype=built.dtype, **hooks)
     every = (f"{interval} steps (--validation_steps wins over --validation_epochs)"
              if config.validation.validation_steps else f"{config.validation.validation_epochs} epochs")
     log(f"validation: {len(config.validation.validation_prompts)} prompts x "

@@ -1,7 +1,8 @@
 """Validation images while training: a periodic action of the loop.
 
     validation = Validation(settings, mesh, unet, vae, text_encoder, ...)    # compiles ahead of time
-    path, grid_HWC = validation(step, unet_params)                           # <output_dir>/validation/step_<step>.png
+    path, grid_HWC = validation(step, model_params)   # {"unet", "text_encoder"[, "text_encoder_2"]}: the sampler's
+                                                      # <output_dir>/validation/step_<step>.png
 
 The prompts, their tokens and the initial noise are fixed for the whole run (seeded by --seed), so grids
 compare across steps. The program is the sampler's (t2i_flax/diffusion/sample.py), compiled once on the
@@ -27,14 +28,15 @@ LABEL_HEIGHT = 14  # pixels of prompt text above each row of the grid
 
 class Validation:
     def __init__(self, settings: ValidationConfig, mesh, unet, vae, text_encoder, clip_tokenizer,
-                 scheduler_config: dict, text_params, vae_params, unet_params_abstract, size: tuple[int, int],
-                 seed: int, output_dir: str, unet_fn=None, text_encoder_2=None, tokenizer_2=None, text_2_params=None,
-                 family=None, force_zeros_for_empty_prompt: bool = False):
-        """`text_params`: the frozen text encoder as the step has it (on the mesh); `vae_params`: host VAE
-        parameters (only the decoder half goes to the devices); `unet_params_abstract`: the shapes and
-        shardings of the UNet params the trainer will pass; `size`: the images' (height, width). SDXL: its second
-        text encoder, tokenizer and params, and whether no negative prompt means zero conditioning (as its pipeline
-        draws without one)."""
+                 scheduler_config: dict, vae_params, model_params_abstract: dict, size: tuple[int, int],
+                 seed: int, output_dir: str, unet_fn=None, text_encoder_2=None, tokenizer_2=None,
+                 family=None, force_zeros_for_empty_prompt: bool = False, text_encoder_fn=None, dtype=None):
+        """`vae_params`: host VAE parameters (only the decoder half goes to the devices, in `dtype`, the compute
+        dtype); `model_params_abstract`: the shapes and shardings of the sampler's params of the UNet and text
+        encoder(s) the trainer will pass ({"unet", "text_encoder"[, "text_encoder_2"]}, setup.sampler_models), with
+        their hooks `unet_fn`, `text_encoder_fn` (diffusion.sample.Sampler's); `size`: the images' (height, width).
+        SDXL: its second text encoder and tokenizer, and whether no negative prompt means zero conditioning (as its
+        pipeline draws without one)."""
         self.settings, self.output_dir = settings, output_dir
         self.prompts = list(settings.validation_prompts)
         per_prompt = settings.num_validation_images
@@ -46,20 +48,17 @@ class Validation:
         token_ids = lambda captions: [tokenize_captions(each, captions)[0] for each in tokenizers]  # noqa: E731
         prompt_ids, negative_ids = token_ids(prompts), token_ids([""] * batch)
         self.sampler = sample.Sampler(unet, vae, text_encoder, mesh, unet_fn, text_encoder_2, family,
-                                      force_zeros_for_empty_prompt)
+                                      force_zeros_for_empty_prompt, text_encoder_fn)
         zero_negative = self.sampler.zero_negative(settings.validation_guidance_scale > 1.0, None)
         negative_ids = None if zero_negative else negative_ids
         self.scheduler = schedulers.make_scheduler(scheduler_config, settings.validation_num_inference_steps,
                                                    settings.validation_scheduler)
         noise = sample.initial_noise(seed, batch, self.sampler.latent_shape(batch, *size)[1:])
-        dtype = jax.tree_util.tree_leaves(text_params)[0].dtype
         decoder = {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS}
-        decoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), decoder)
+        decoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype or np.float32), decoder)
         self.vae_params = jax.device_put(decoder, sharding.tree_shardings(mesh, decoder))
-        self.text_params, self.text_2_params = text_params, text_2_params
         guidance = settings.validation_guidance_scale > 1.0
-        abstract = sample.sampler_params(unet_params_abstract, _abstract(text_params), _abstract(self.vae_params),
-                                         None if text_2_params is None else _abstract(text_2_params))
+        abstract = self.sampler_params(model_params_abstract, _abstract(self.vae_params))
         # Where the program takes each parameter (a host scalar such as LoRA's scale is placed explicitly).
         self.param_shardings = jax.tree_util.tree_map(lambda leaf, where: leaf.sharding or where, abstract,
                                                       sharding.tree_shardings(mesh, abstract))
@@ -78,10 +77,15 @@ class Validation:
                                                 settings.validation_guidance_scale,
                                                 settings.validation_guidance_rescale)
 
-    def __call__(self, finished_steps: int, unet_params) -> tuple[str, np.ndarray]:
-        """Draws the prompts with `unet_params`; writes the grid (process 0) and returns (path, grid)."""
-        params = jax.device_put(sample.sampler_params(unet_params, self.text_params, self.vae_params,
-                                                      self.text_2_params), self.param_shardings)
+    @staticmethod
+    def sampler_params(model_params: dict, vae_params) -> dict:
+        return sample.sampler_params(model_params["unet"], model_params["text_encoder"], vae_params,
+                                     model_params.get("text_encoder_2"))
+
+    def __call__(self, finished_steps: int, model_params: dict) -> tuple[str, np.ndarray]:
+        """Draws the prompts with `model_params` ({"unet", "text_encoder"[, "text_encoder_2"]}: the sampler's);
+        writes the grid (process 0) and returns (path, grid)."""
+        params = jax.device_put(self.sampler_params(model_params, self.vae_params), self.param_shardings)
         images = self.program(params, *self.inputs)
         images = multihost_utils.process_allgather(images, tiled=True)[: self.count]
         grid = labelled_grid(sample.to_uint8(images), self.prompts, self.per_prompt)

@@ -380,9 +380,10 @@ TEXT = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("tensors, message", [
     (KOHYA, "holds text-encoder adapters (1 tensor, e.g. lora_te_text_model_encoder_layers_0_self_attn_q_proj."
-            "lora_down.weight); t2i_flax applies UNet adapters only (load it without them, or in diffusers)"),
+            "lora_down.weight); a UNet-only LoRA does not apply them (train with --train_text_encoder)"),
     (peft_file(Q, TEXT), "holds text-encoder adapters (2 tensors, e.g. text_encoder.text_model.encoder.layers.0."
-                         "self_attn.q_proj.lora_A.weight); t2i_flax applies UNet adapters only"),
+                         "self_attn.q_proj.lora_A.weight); a UNet-only LoRA does not apply them (train with "
+                         "--train_text_encoder)"),
     (peft_file(Q, extra=CONV), "holds convolution adapters (1 module, e.g. down_blocks.0.resnets.0.conv1); "
                                "t2i_flax applies adapters of linear layers only"),
     (peft_file(Q, "unet.down_blocks.3.attentions.0.transformer_blocks.0.attn1.to_q"),

@@ -148,29 +148,29 @@ def validation_report(setup) -> dict:
     batch = -(-count // mesh.size) * mesh.size
     scheduler = schedulers.make_scheduler(setup.sampling_scheduler_config, settings.validation_num_inference_steps,
                                           settings.validation_scheduler)
-    unet_params, unet_fn = setup.sampler_unet(setup.state, setup.frozen)
-    unet_params = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), unet_params)
+    model_params, hooks = setup.sampler_models(setup.state, setup.frozen)
+    model_params = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), model_params)
+    unet_params = model_params["unet"]
     force_zeros = family.force_zeros_for_empty_prompt(setup.base.model_dir, setup.family)
-    sampler = sample.Sampler(setup.unet, setup.vae, setup.text_encoder, mesh, unet_fn,
-                             setup.modules.text_encoder_2, setup.family, force_zeros)
+    sampler = sample.Sampler(setup.unet, setup.vae, setup.text_encoder, mesh, hooks["unet_fn"],
+                             setup.modules.text_encoder_2, setup.family, force_zeros, hooks["text_encoder_fn"])
     # What Validation puts on the devices of the VAE: the decoder half, in the compute dtype.
     vae_params = setup.vae.abstract_params()
     decoder = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, setup.dtype),
                                      {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS})
     decoder = jax.tree_util.tree_map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
                                      decoder, sharding.tree_shardings(mesh, decoder))
-    text_2 = setup.frozen.get("text_encoder_2")
-    abstract = sample.sampler_params(unet_params, setup.frozen["text_encoder"], decoder, text_2)
+    abstract = sample.sampler_params(unet_params, model_params["text_encoder"], decoder,
+                                     model_params.get("text_encoder_2"))
     guidance = settings.validation_guidance_scale > 1.0
     lengths = [int(each.model_max_length) for each in setup.base.tokenizers]
     result, _ = compile_measured(lambda: sampler.compile(
         abstract, scheduler, batch, *settings.size(config.data.resolution), guidance, max_length=lengths,
         zero_negative=sampler.zero_negative(guidance, None),
         guidance_rescale=settings.validation_guidance_rescale > 0))
-    shared = per_device_bytes([leaf for leaf in jax.tree_util.tree_leaves(unet_params)
-                               if getattr(leaf, "sharding", None) is not None]) \
-        + per_device_bytes(setup.frozen["text_encoder"]) + (per_device_bytes(text_2) if text_2 else 0)
+    shared = per_device_bytes([leaf for leaf in jax.tree_util.tree_leaves(model_params)
+                               if getattr(leaf, "sharding", None) is not None])
     # While sampling, the training state and frozen models stay on the devices; the sampler's own arguments
     # already count the UNet (or adapters + frozen UNet) and the text encoder among them.
     resident = per_device_bytes(setup.state) + per_device_bytes(setup.frozen) - shared

@@ -102,13 +102,15 @@ class Sampler:
     `unet_fn(unet_params, latents_NCHW, timestep, text_embeddings_NLD, **added) -> noise_pred_NCHW` replaces
     `unet.apply` (e.g. to apply LoRA adapters to the parameters first): N is 2B with guidance, `timestep`
     a float32 scalar, `unet_params` the program's argument params["unet"], `added` SDXL's added_cond_kwargs.
+    `text_encoder_fn(module, params[name], input_ids, **options)` likewise applies each text encoder (default
+    `module.apply` with params[name]; text-encoder LoRA: lora.apply_adapted).
 
     Prompt ids: an array (SD) or a pair of arrays (SDXL's two tokenizers). SDXL with guidance and no negative
     prompt (None) conditions the unconditional half on zeros where `force_zeros_for_empty_prompt` (as diffusers)."""
 
     def __init__(self, unet, vae, text_encoder, mesh, unet_fn: Callable | None = None, text_encoder_2=None,
-                 family=None, force_zeros_for_empty_prompt: bool = False):
-        from t2i_flax.family import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, Modules
+                 family=None, force_zeros_for_empty_prompt: bool = False, text_encoder_fn: Callable | None = None):
+        from t2i_flax.family import STABLE_DIFFUSION, STABLE_DIFFUSION_XL, Modules, apply_frozen
 
         self.unet, self.vae, self.text_encoder, self.mesh = unet, vae, text_encoder, mesh
         self.text_encoder_2 = text_encoder_2
@@ -116,6 +118,7 @@ class Sampler:
         self.modules = Modules(unet, vae, text_encoder, text_encoder_2)
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.unet_fn = unet_fn or self._apply_unet
+        self.text_encoder_fn = text_encoder_fn or apply_frozen
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.traces = 0  # how many times the program was traced (one per compile)
         self.program = jax.jit(self._sample, static_argnames=("guidance", "output_type"),
@@ -224,7 +227,7 @@ class Sampler:
     def _encode(self, params, ids: dict, time_ids_B6):
         """(context (B, L, D), added conditions or None) as the family conditions its UNet in training."""
         batch = dict(ids, time_ids=time_ids_B6) if time_ids_B6 is not None else ids
-        return self.family.condition(self.modules, params, batch)
+        return self.family.condition(self.modules, params, batch, self.text_encoder_fn)
 
     def _sample(self, params: dict[str, Any], prompt_ids_BL, negative_ids_BL, noise_BCHW, scheduler, guidance_scale,
                 guidance_rescale=None, *, guidance: bool, output_type: str):
