@@ -44,7 +44,11 @@ def lora_state_dict(lora_params: Mapping, prefix: str = UNET_PREFIX) -> dict[str
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lora_A, np.float32).T)
         tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lora_B, np.float32).T)
         if path in dora:
-            tensors[f"{name}.{MAGNITUDE}"] = np.ascontiguousarray(np.asarray(dora[path], np.float32))
+            # transformers (5.x) loads a text encoder's DoRA magnitude only as `lora_magnitude_vector.weight` (PEFT's
+            # own `lora_magnitude_vector` key is left out and re-initialised, silently); diffusers' UNet loader
+            # takes PEFT's key.
+            suffix = "" if prefix == UNET_PREFIX else ".weight"
+            tensors[f"{name}.{MAGNITUDE}{suffix}"] = np.ascontiguousarray(np.asarray(dora[path], np.float32))
     return tensors
 
 
