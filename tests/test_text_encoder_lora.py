@@ -29,17 +29,22 @@ from test_train import VALIDATION, assert_validation_grid_is_what_generate_draws
 RANK, ALPHA = 4, 8.0  # scale 2: diffusers must read the alpha (PEFT: the metadata; kohya: the .alpha keys)
 SCALE = ALPHA / RANK
 LORA_FILE = lora_files.LORA_WEIGHTS_NAME
-# Our text encoders with adapters against transformers' with the file loaded by diffusers + PEFT, float32: measured
-# (max over the hidden states, pooled and projected outputs) 2.9e-7 (SD, PEFT and kohya keys), 3.9e-7 (SD, DoRA),
-# 4.3e-7 (SDXL, both encoders, both formats); the base encoders alone differ by about as much.
+# Our text encoders with adapters against transformers' with the file loaded by diffusers + PEFT, float32, worst of
+# every hidden state, the last one and the pooled (SDXL's second: projected) output: measured 4.4e-7 (SD, PEFT and kohya
+# keys), 6.8e-7 (SD, DoRA), 6.9e-7 (SDXL, both encoders, both formats), 3.8e-7 (the trained run's file), 3.3e-7 (its
+# merged text encoder); SDXL's encode_prompt (both penultimate states, pooled) 3.5e-7. The base encoders alone:
+# 5.3e-7 to 6.2e-7.
 PARITY_TOL = 2e-6
-# The step against PyTorch on identical inputs, float32: loss measured 1.1e-7, per-tensor gradients of the adapters
-# (UNet and text encoder) <= 3.0e-6, the text encoder adapters' gradient norm 3.1e-7.
+# The UNet with its adapters against diffusers' (as tests/test_lora.py): measured 1.1e-6, the trained run's 1.7e-6,
+# its merged UNet 9.4e-7.
+UNET_TOL = 5e-6
+# The step against PyTorch on identical inputs, float32: the loss measured 6.5e-7; per tensor, the text encoder's
+# adapter gradients <= 9.2e-7 and the UNet's <= 1.05e-5 (small tensors of the cross-attention, as
+# tests/test_step_vs_torch.py's); the norm of the text encoder's gradients 2.6e-7.
 LOSS_RTOL = 2e-6
-GRAD_TOL = 2e-5
-GRAD_NORM_RTOL = 2e-6
-# The trained run's UNet against diffusers' with its file, as tests/test_train_lora.py (measured 1.3e-6).
-UNET_TOL = 1e-5
+TEXT_GRAD_TOL = 3e-6
+UNET_GRAD_TOL = 3e-5
+GRAD_NORM_RTOL = 1e-6
 
 
 def random_adapters(abstract, targets, seed: int, dora_base=None):
@@ -246,6 +251,24 @@ def test_files_for_other_components_are_one_line(sd, tmp_path):
                                         {"unet": unet_abstract, "text_encoder": te_abstract})
 
 
+def test_dora_on_the_text_encoder_starts_at_the_base_model(sd, torch_pipeline_dir, dataset_dir):
+    """--use_dora --train_text_encoder: every text-encoder adapter starts with B zero and the magnitude ||W|| of the
+    frozen kernel it sits on, so the adapted encoder gives the base encoder's output (to the rounding of the norm)."""
+    modules, params = sd
+    argv = ["--pretrained_model_name_or_path", torch_pipeline_dir, "--train_data_dir", dataset_dir, "--output_dir",
+            "unused", "--lora_rank", str(RANK), "--train_text_encoder", "--use_dora"]
+    start = trainable.from_config(cli.parse_config(argv), modules).initial_params(modules.unet, params["unet"], params)
+    text = jax.device_get(start["text_encoder"])
+    magnitudes = lora.magnitudes(text)
+    assert len(magnitudes) == 8 and len(lora.magnitudes(start["unet"])) == 32
+    for path, magnitude in magnitudes.items():
+        np.testing.assert_allclose(magnitude, np.linalg.norm(_kernel(params["text_encoder"], path), axis=0), rtol=1e-6)
+    ids = token_ids(torch_pipeline_dir)
+    ours = our_text_outputs(modules.text_encoder, params["text_encoder"], text, ids, scale=1.0)
+    base = our_text_outputs(modules.text_encoder, params["text_encoder"], {}, ids)
+    assert worst(ours, base) <= 2e-6  # measured 3.7e-7: the gain m / ||W|| is 1 to a float32 ulp
+
+
 # ---- the step: loss and gradients against PyTorch, gradients reach the text encoder, the loss goes down ------
 
 @pytest.fixture(scope="module")
@@ -328,7 +351,9 @@ def test_step_loss_and_gradients_equal_pytorch_and_reach_the_text_encoder(step_s
     assert sorted(ours) == sorted(reference) and len([k for k in ours if k.startswith("text_encoder.")]) == 16
     assert abs(float(loss) - float(reference_loss)) <= LOSS_RTOL * float(reference_loss)
     errors_per_tensor = {key: rel_err(ours[key], reference[key]) for key in ours}
-    assert max(errors_per_tensor.values()) <= GRAD_TOL, max(errors_per_tensor.items(), key=lambda item: item[1])
+    for prefix, tolerance in (("text_encoder.", TEXT_GRAD_TOL), ("unet.", UNET_GRAD_TOL)):
+        found = max((error, key) for key, error in errors_per_tensor.items() if key.startswith(prefix))
+        assert found[0] <= tolerance, found
     text_norm = float(optax.tree.norm(grads["text_encoder"]))
     reference_norm = float(np.sqrt(sum(np.sum(reference[k] ** 2) for k in reference if k.startswith("text_encoder."))))
     assert abs(text_norm - reference_norm) <= GRAD_NORM_RTOL * reference_norm
