@@ -3,12 +3,13 @@
     train_step(state, frozen, batch) -> (state, metrics)
 
 VAE encode -> posterior sample x scaling_factor -> noise (+ offset) and timesteps -> add_noise ->
-the frozen text encoders' conditioning (the model family's: SD's CLIP last hidden state; SDXL's two penultimate
-states, pooled embedding and time ids) -> UNet -> float32 MSE against the config's target (noise or velocity)
+the text encoders' conditioning (the model family's: SD's CLIP last hidden state; SDXL's two penultimate
+states, pooled embedding and time ids; outside the gradient when the encoders are frozen, inside it with
+--train_text_encoder: the trainable's hooks) -> UNet -> float32 MSE against the config's target (noise or velocity)
 -> clip + the optimizer (AdamW by default) -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over
 constants.
 
-The pieces (`draw_randomness`, `encode_latents`, `conditioning`, `diffusion_loss`, `loss_and_grads`,
+The pieces (`draw_randomness`, `encode_latents`, `conditioned_loss`, `diffusion_loss`, `loss_and_grads`,
 `apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math."""
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ STREAM_POSTERIOR, STREAM_NOISE, STREAM_TIMESTEPS, STREAM_DROPOUT, STREAM_NOISE_O
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array        # int32 scalar: updates applied so far
-    params: Any            # UNet parameters, float32
+    params: Any            # the trained params (trainable.py: the UNet's, or LoRA adapters), float32
     opt_state: Any
     ema_params: Any        # EMA of the UNet parameters (None when --use_ema is off)
     rng: jax.Array         # uint32[2] seed key; per-step keys are fold_in(rng, step)
@@ -57,7 +58,8 @@ class StepConfig:
     timestep_bias: Any = None
     # --dream_training: DREAM's detail preservation p (None: off); one more UNet forward without gradients.
     dream_detail_preservation: float | None = None
-    # What the trained params are (t2i_flax/trainable.py): the UNet's own, or LoRA adapters on frozen["unet"].
+    # What the trained params are (t2i_flax/trainable.py): the UNet's own, or LoRA adapters on frozen["unet"] (and,
+    # --train_text_encoder, on the frozen text encoders).
     trainable: Any = FULL_UNET
     family: Any = STABLE_DIFFUSION  # how the UNet is conditioned on the batch's captions (t2i_flax/family.py)
     text_encoder_2: Any = None      # SDXL's second text encoder
@@ -156,11 +158,6 @@ def encode_latents(config: StepConfig, frozen: dict, pixel_values, posterior_noi
     """Images (B, 3, H, W) in [-1, 1] -> a posterior sample x scaling_factor, float32 (B, C, h, w)."""
     mean, std = posterior_moments(config.vae, frozen["vae"], pixel_values)
     return (mean + std * posterior_noise) * config.vae.scaling_factor
-
-
-def conditioning(config: StepConfig, frozen: dict, batch: dict):
-    """(the UNet's context (B, L, D), its added conditions or None) from the frozen text encoders (the family's)."""
-    return config.family.condition(config.modules, frozen, batch)
 
 
 def predict(config: StepConfig, params, frozen: dict, noisy_latents, timesteps, encoder_hidden_states, dropout_key,

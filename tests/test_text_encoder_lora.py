@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from oracle import rel_err
 from t2i_flax import cli, data, errors, export, family, lora, lora_files, optim, sharding, step, tokenizer, trainable
-from t2i_flax.config import DataConfig, LoraConfig
+from t2i_flax.config import DataConfig
 from t2i_flax.diffusion.noise import load_noise_schedule
 
 from conftest import RESOLUTION
