@@ -43,7 +43,7 @@ FILE_SECONDS = {"test_demo.py": 180, "test_train.py": 330, "test_checkpoint.py":
                 "test_clip.py": 30, "test_setup.py": 30,
                 "test_single_file.py": 20, "test_single_file_train.py": 70,
                 "test_kohya.py": 20, "test_buckets.py": 170, "test_captions.py": 30,
-                "test_optimizers_sharded.py": 150, "test_train_options.py": 25, "test_text_encoder_lora.py": 120}
+                "test_optimizers_sharded.py": 150, "test_train_options.py": 25, "test_text_encoder_lora.py": 150}
 
 
 SLOW_FILE_SECONDS = 60  # files that take at least this long are marked slow: `make test-fast` leaves them out

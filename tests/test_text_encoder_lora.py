@@ -504,3 +504,42 @@ def test_resume_is_exact_and_refuses_another_train_text_encoder(trained, torch_p
                                        "the whole text encoder; add --lora_rank to train LoRA adapters on it (and the "
                                        "UNet)\n")
     assert not os.path.exists(tmp_path / "full")
+
+
+def test_sdxl_run_trains_both_text_encoders_sharded_and_exports_what_diffusers_loads(sdxl, torch_sdxl_pipeline_dir,
+                                                                                      sized_dataset_dir, tmp_path):
+    """SDXL, 2 steps with --fsdp 8 (the frozen encoders sharded, the adapters replicated) and empty prompts: both
+    encoders' adapters train (all but the first encoder's last layer, whose output the penultimate-state conditioning
+    never reads: its gradient is zero, in PyTorch too); the file loads in StableDiffusionXLPipeline and gives both
+    encoders' outputs ours give; the merged pipeline is that model. (Validation and generate take the same text-encoder
+    hook as SD's, tested above.)"""
+    from diffusers import StableDiffusionXLPipeline
+
+    output_dir = str(tmp_path / "sdxl")
+    argv = ["--pretrained_model_name_or_path", torch_sdxl_pipeline_dir, "--train_data_dir", sized_dataset_dir,
+            "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", "1", "--seed", "3",
+            "--report_to", "none", "--lora_rank", str(RANK), "--lora_alpha", str(int(ALPHA)), "--train_text_encoder",
+            "--learning_rate", "1e-2", "--max_train_steps", "2", "--fsdp", "8", "--proportion_empty_prompts", "0.5",
+            "--lora_merge"]
+    assert cli.main(argv) == 0
+    modules, params = sdxl
+    names = ("text_encoder", "text_encoder_2")
+    abstract = {name: getattr(modules, name).abstract_params() for name in ("unet",) + names}
+    adapters, infos = lora_files.load_lora_components(output_dir, abstract)
+    assert {name: (info.modules, info.scale) for name, info in infos.items()} == {
+        "unet": (88, SCALE), "text_encoder": (12, SCALE), "text_encoder_2": (12, SCALE)}
+    moved = {name: {"/".join(path[3:]): float(np.abs(b).max()) for path, (_, b) in lora.adapters(adapters[name]).items()}
+             for name in names}
+    assert min(moved["text_encoder_2"].values()) > 1e-4
+    assert min(value for path, value in moved["text_encoder"].items() if not path.startswith("2/")) > 1e-4
+    assert max(value for path, value in moved["text_encoder"].items() if path.startswith("2/")) == 0.0
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(torch_sdxl_pipeline_dir)
+    pipe.load_lora_weights(output_dir)
+    merged = StableDiffusionXLPipeline.from_pretrained(output_dir)
+    for name, folder in zip(names, ("tokenizer", "tokenizer_2")):
+        ids = token_ids(torch_sdxl_pipeline_dir, folder)
+        reference = torch_text_outputs(pipe, name, ids)
+        assert worst(our_text_outputs(getattr(modules, name), params[name], adapters[name], ids), reference) \
+            <= PARITY_TOL
+        assert worst(torch_text_outputs(merged, name, ids), reference) <= PARITY_TOL
