@@ -25,6 +25,7 @@ from t2i_flax import lora, lora_files, weights
 from t2i_flax.errors import FlagError, count_of, name_examples
 
 LORA_INIT_STREAM = 0x4C6F5241  # "LoRA": the adapters' init key, apart from the step's random streams
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 class FrozenTextEncoders:
@@ -39,9 +40,6 @@ class FrozenTextEncoders:
     def sampler_text_encoders(self, trained, frozen: dict) -> tuple[dict, Callable | None]:
         """({name: the sampler's params[name]} of each text encoder, its text_encoder_fn (None: frozen params))."""
         return {name: frozen[name] for name in TEXT_ENCODERS if name in frozen}, None
-
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 class FullUNet(FrozenTextEncoders):
