@@ -509,9 +509,9 @@ def test_the_options_at_their_off_values_lower_the_default_step(pipeline_dir):
     """Issue 18's options at their off values, given explicitly (--input_perturbation 0, --timestep_bias_strategy none,
     --optimizer adamw, --validation_split 0; --dream_training and --rescale_betas_zero_snr are switches, off when
     absent), with the companions they ignore when off set to other values: the trainer's setup lowers the same train
-    step (StableHLO text) as with the default flags, which is the step from before the options (their StepConfig
-    fields at the values that leave the program as it was). A held-out split changes which images train, not the step.
-    The comparison sees a difference: --input_perturbation 0.1 lowers another program."""
+    step (StableHLO text) as with the default flags, and the options' StepConfig fields stay at the values that leave
+    their code out of the program. A held-out split changes which images train, not the step. The comparison sees a
+    difference: --input_perturbation 0.1 lowers another program."""
     import jax
 
     from t2i_flax.aot.cli import build_setup
