@@ -38,7 +38,7 @@ def loader_over_cache(config: RunConfig, loader, built, vae_params):
     encode = jax.jit(lambda params, pixels: step.posterior_moments(vae, params, pixels), out_shardings=(where, where))
     encode_pixels = functools.partial(encode, placed)
     caches = {}
-    for target, records in images_by_size(online).items():
+    for target, records in images_by_size(online, loader.held_out).items():
         width, height = target
         fields = key_fields if online.buckets is None else dict(key_fields, bucket=[width, height])
         cache = latent_cache.LatentCache(
@@ -59,11 +59,18 @@ def loader_over_cache(config: RunConfig, loader, built, vae_params):
     return loader.with_examples(latent_cache.CachedExampleAt(online, caches))
 
 
-def images_by_size(online) -> dict:
-    """{(width, height): the record indices trained at that size}: every usable record at the square resolution,
-    or the records of each aspect-ratio bucket that holds a global batch."""
+def images_by_size(online, held_out=None) -> dict:
+    """{(width, height): the record indices trained or (`held_out`, --validation_split) measured at that size}: every
+    usable record at the square resolution, or the records of each aspect-ratio bucket that holds a global batch, and
+    the held-out records at their sizes (cached too: the held-out loss reads them as training reads its images)."""
     if online.buckets is None:
-        return {(online.resolution, online.resolution): online.records}
-    plan = online.buckets
-    return {plan.sizes[bucket]: online.records[plan.bucket_of == bucket]
-            for bucket in range(len(plan.sizes)) if plan.counts[bucket] >= plan.global_batch_size}
+        by_size = {(online.resolution, online.resolution): online.records}
+    else:
+        plan = online.buckets
+        by_size = {plan.sizes[bucket]: online.records[plan.bucket_of == bucket]
+                   for bucket in range(len(plan.sizes)) if plan.counts[bucket] >= plan.global_batch_size}
+    if held_out is not None:
+        for size in sorted(set(held_out.sizes)):
+            measured = held_out.records[[own == size for own in held_out.sizes]]
+            by_size[size] = np.concatenate([by_size.get(size, np.zeros(0, np.int64)), measured])
+    return by_size

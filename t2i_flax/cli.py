@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="Encode every image once (both flips with --random_flip); train from the stored VAE posteriors.")
     a("--latent_cache_dir", type=str, default=None,
       help="Where the latent cache goes (default <output_dir>/latent_cache; shared storage on several hosts).")
+    a("--validation_split", type=float, default=0.0,
+      help="Keep this many images (or this fraction of them, when < 1) out of training, a seeded choice, and report "
+           "their mean diffusion loss (val_loss) at every validation and at the end (0: off).")
     # training
     a("--output_dir", type=str, default="sd-model-finetuned")
     a("--seed", type=int, default=0)

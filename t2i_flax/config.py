@@ -133,6 +133,9 @@ class DataConfig:
     caption_tag_dropout: float = 0.0        # drop each other tag with this probability
     caption_separator: str = ","            # what the tags are split on (joined with ", ")
     image_interpolation_mode: str = DEFAULT_INTERPOLATION  # the resize's filter (diffusers' PyTorch scripts')
+    # --validation_split: images kept out of training for the held-out loss (data/held_out.py): a count, or a fraction
+    # of the usable images when < 1; 0: off. Which images train depends on it, so it may not change on resume.
+    validation_split: float = 0.0
     # Cached latents give the online path's losses to float rounding: switching on resume is allowed.
     MAY_CHANGE: ClassVar[frozenset] = frozenset({"dataloader_num_workers", "cache_latents", "latent_cache_dir"})
 
@@ -154,6 +157,9 @@ class DataConfig:
         if not self.caption_separator:
             raise FlagError("--caption_separator must not be empty")
         _one_of("image_interpolation_mode", self.image_interpolation_mode, INTERPOLATION_MODES)
+        if not self.validation_split >= 0 or (self.validation_split >= 1 and self.validation_split % 1):
+            raise FlagError(f"--validation_split {self.validation_split:g} must be a number of images (a whole number) "
+                            f"or a fraction of the images below 1 (0: off)")
         if self.aspect_ratio_buckets:
             _positive(self, "bucket_step", "min_bucket_resolution", "max_bucket_resolution")
             if self.bucket_step % 8:
@@ -392,9 +398,10 @@ class ValidationConfig:
         """(height, width) of the validation images."""
         return self.validation_height or resolution, self.validation_width or resolution
 
-    def interval(self, steps_per_epoch: int) -> int:
-        """Steps between validation passes (0: no validation)."""
-        if not self.validation_prompts:
+    def interval(self, steps_per_epoch: int, held_out: bool = False) -> int:
+        """Steps between validation passes (0: no validation): with prompts to draw, or held-out images to measure
+        (`held_out`: --validation_split) without any."""
+        if not self.validation_prompts and not held_out:
             return 0
         return self.validation_steps or self.validation_epochs * steps_per_epoch
 

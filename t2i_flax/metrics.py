@@ -3,7 +3,10 @@ no TensorFlow) and wandb when asked. Only process 0 writes.
 
 --tracker_project_name names wandb's project and, as accelerate's TensorBoard tracker does in the PyTorch scripts,
 TensorBoard's run folder inside the logging dir; without it, wandb's project is DEFAULT_PROJECT and TensorBoard
-writes in the logging dir itself."""
+writes in the logging dir itself.
+
+metrics.jsonl: a line per logged window of steps ({"step", "loss", "grad_norm", "learning_rate", "images_per_second"},
+the window's means) and, with --validation_split, a line per validation ({"step", "val_loss"})."""
 from __future__ import annotations
 
 import json
@@ -80,6 +83,19 @@ class MetricsWriter:
                 self.wandb.log({f"train/{k}": v for k, v in averaged.items()}, step=step)
         return averaged
 
+    def add_validation(self, step: int, values: dict) -> None:
+        """Values measured at a validation (the held-out loss `val_loss`): a line of their own in metrics.jsonl
+        ({"step", "val_loss"}), scalars of their own names in TensorBoard and wandb."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(dict(values), step=step)
+
     def add_image(self, step: int, name: str, image_HWC, caption: str) -> None:
         """A uint8 (H, W, 3) image (a validation grid) to TensorBoard and wandb."""
         if self.tensorboard is not None:
@@ -97,3 +113,14 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def logged_values(output_dir: str, name: str) -> dict[int, float]:
+    """{step: value} of one metric in <output_dir>/metrics.jsonl (the last line of a step wins: a resumed run logs
+    again the steps after its checkpoint)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        entries = [json.loads(line) for line in handle if line.strip()]
+    return dict(sorted({entry["step"]: entry[name] for entry in entries if name in entry}.items()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
+
 
 def settings_table(config, plan, trainable) -> dict:
     """The training settings the card lists (after --scale_lr and the data's step count)."""
@@ -19,7 +21,7 @@ def settings_table(config, plan, trainable) -> dict:
             "crop / flip": f"{'center' if config.data.center_crop else 'random'} / "
                            f"{'random' if config.data.random_flip else 'none'}",
             "resize filter": config.data.image_interpolation_mode, **caption_settings(config.data),
-            **bucket_settings(config.data), **trainable.card_settings(),
+            **bucket_settings(config.data), **held_out_settings(config.data, plan), **trainable.card_settings(),
             **({"tracker project": config.output.tracker_project_name} if config.output.tracker_project_name else {})}
 
 
@@ -56,6 +58,32 @@ def bucket_settings(data_config) -> dict:
                                     f"{data_config.bucket_max_side} (buckets.json)"}
 
 
+def held_out_settings(data_config, plan) -> dict:
+    """--validation_split's row: how many images were held out of training for the held-out loss."""
+    if not data_config.validation_split:
+        return {}
+    return {"validation split": f"{plan.num_held_out} images held out (--validation_split "
+                                f"{data_config.validation_split:g}, seeded)"}
+
+
+HELD_OUT_ROWS = 12  # points of the held-out loss curve the card lists at most
+
+
+def held_out_section(curve: dict) -> list[str]:
+    """The held-out loss's lines of the card: its last value, where it started and its lowest, and the curve (at
+    most HELD_OUT_ROWS of its points, the first and the last among them)."""
+    steps = sorted(curve)
+    lowest = min(steps, key=lambda s: (curve[s], s))
+    lines = ["## Held-out loss", "",
+             f"The mean diffusion loss of the images `--validation_split` kept out of training, at fixed timesteps and "
+             f"noise, of the trained (not EMA) weights: **{curve[steps[-1]]:.4f}** after step {steps[-1]} "
+             f"({curve[steps[0]]:.4f} at step {steps[0]}; lowest {curve[lowest]:.4f} at step {lowest}).", ""]
+    if len(steps) > HELD_OUT_ROWS:
+        picks = np.unique(np.round(np.linspace(0, len(steps) - 1, HELD_OUT_ROWS)).astype(int))
+        steps = [steps[i] for i in picks]
+    return lines + ["| step | val_loss |", "|---|---|"] + [f"| {s} | {curve[s]:.4f} |" for s in steps] + [""]
+
+
 def caption_settings(data) -> dict:
     """The caption options' row, when any is set."""
     parts = []
@@ -74,9 +102,10 @@ def caption_settings(data) -> dict:
 def write_model_card(output_dir: str, base_model: str, dataset: str, settings: dict, validation_grid: str | None,
                      prompts: list[str], lora: bool = False, license_name: str = "other",
                      family_tags: tuple = ("stable-diffusion", "stable-diffusion-diffusers"),
-                     pipeline_class: str = "StableDiffusionPipeline") -> str:
+                     pipeline_class: str = "StableDiffusionPipeline", held_out_curve: dict | None = None) -> str:
     """README.md in diffusers' model card style: YAML front matter (base_model, license, tags), what it was
-    trained on and how, the last validation grid, how to load it. Returns its path."""
+    trained on and how, the last validation grid, the held-out loss ({step: val_loss}, --validation_split), how to
+    load it. Returns its path."""
     from t2i_flax import single_file
 
     tags = [*family_tags, "text-to-image", "diffusers", "t2i_flax", "jax-flax"]
@@ -94,6 +123,8 @@ def write_model_card(output_dir: str, base_model: str, dataset: str, settings: d
         shutil.copyfile(validation_grid, os.path.join(output_dir, "validation.png"))
         lines += ["## Validation images (end of training)", "", "![validation images](validation.png)", "",
                   "Prompts: " + "; ".join(f"`{p}`" for p in prompts), ""]
+    if held_out_curve:
+        lines += held_out_section(held_out_curve)
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
     lines += ["", "## How to use", "", "```python", "import torch", f"from diffusers import {pipeline_class}", ""]

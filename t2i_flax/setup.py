@@ -39,10 +39,11 @@ class Plan:
     steps_per_epoch: int
     max_train_steps: int          # --max_train_steps, or epochs x steps per epoch
     num_train_epochs: int
+    num_held_out: int = 0         # images --validation_split keeps out of training (not in num_examples)
 
     @classmethod
     def make(cls, config: RunConfig, device_count: int, local_device_count: int, num_examples: int,
-             steps_per_epoch: int) -> "Plan":
+             steps_per_epoch: int, num_held_out: int = 0) -> "Plan":
         per_device = config.train.train_batch_size
         global_batch_size = per_device * device_count
         learning_rate = config.optimizer.learning_rate
@@ -54,7 +55,7 @@ class Plan:
             max_steps = config.train.max_train_steps
             epochs = math.ceil(max_steps / steps_per_epoch)
         return cls(global_batch_size, per_device * local_device_count, learning_rate, num_examples,
-                   steps_per_epoch, max_steps, epochs)
+                   steps_per_epoch, max_steps, epochs, num_held_out)
 
     @classmethod
     def without_data(cls, config: RunConfig, device_count: int, local_device_count: int) -> "Plan":

@@ -10,7 +10,8 @@ states, pooled embedding and time ids; outside the gradient when the encoders ar
 constants.
 
 The pieces (`draw_randomness`, `encode_latents`, `conditioned_loss`, `diffusion_loss`, `loss_and_grads`,
-`apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math."""
+`apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math.
+`held_out_losses` is the same math without gradients, at fixed timesteps and noise (--validation_split's loss)."""
 from __future__ import annotations
 
 import dataclasses
@@ -220,6 +221,42 @@ def loss_and_grads(config: StepConfig, params, frozen: dict, batch: dict, key):
     frozen_conditioning = config.trainable.frozen_conditioning(config.family, config.modules, frozen, batch)
     return jax.value_and_grad(conditioned_loss, argnums=1)(config, params, frozen, batch, latents, randomness,
                                                            frozen_conditioning)
+
+
+def held_out_losses(config: StepConfig, params, frozen: dict, batch: dict, key, timesteps_K):
+    """Each sample's diffusion loss (B,), averaged over the fixed timesteps `timesteps_K` (K,), without gradients: the
+    held-out loss's (t2i_flax/held_out.py). Every random number comes from `key` and the sample's
+    batch["held_out_index"] (its posterior sample's noise, then one noise per timestep), so a sample's loss is the same
+    whatever batch, layout or step it is measured in. The plain objective, the run's prediction type on its schedule:
+    no noise offset, input perturbation, DREAM or timestep bias (training's options), no dropout."""
+    schedule = config.noise_schedule
+    latents_shape = batch_latent_shape(config, batch)
+    sample_keys = jax.vmap(lambda index: jax.random.fold_in(key, index))(batch["held_out_index"])
+
+    def normal(stream):  # (B, C, h, w): each sample's own N(0, 1) of the stream
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), latents_shape[1:]))(sample_keys)
+
+    latents = batch_latents(config, frozen, batch, normal(0))
+    frozen_conditioning = config.trainable.frozen_conditioning(config.family, config.modules, frozen, batch)
+    encoder_hidden_states, added_cond_kwargs = config.trainable.condition(config.family, config.modules, params, frozen,
+                                                                          batch, frozen_conditioning)
+    added = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+
+    def loss_at(_, stream_and_timestep):  # one UNet forward in the program, run K times (a scan)
+        stream, timestep = stream_and_timestep
+        noise = normal(stream)
+        timesteps = jnp.full((latents_shape[0],), timestep, jnp.int32)
+        noisy_latents = schedule.add_noise(latents, noise, timesteps)
+        target = schedule.target(latents, noise, timesteps)
+        prediction = config.trainable.apply_unet(config.unet, params, frozen, noisy_latents, timesteps,
+                                                 encoder_hidden_states, train=False, **added).sample
+        error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+        return None, jnp.mean(error, axis=tuple(range(1, error.ndim)))
+
+    timesteps_K = jnp.asarray(timesteps_K, jnp.int32)
+    streams_K = 1 + jnp.arange(timesteps_K.shape[0], dtype=jnp.int32)
+    _, losses_KB = jax.lax.scan(loss_at, None, (streams_K, timesteps_K))
+    return jnp.mean(jax.lax.stop_gradient(losses_KB), axis=0)
 
 
 def apply_gradients(config: StepConfig, state: TrainState, grads) -> TrainState:

@@ -17,12 +17,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from t2i_flax import cached_latents, data, export, hub, model_card, resume, setup, sharding, step
+from t2i_flax.held_out import HeldOutLoss
 from t2i_flax.checkpoint import Checkpoints
 from t2i_flax.config import RunConfig
 from t2i_flax.errors import FlagError, OutputError, Stopped, TrainingFailed
 from t2i_flax.family import force_zeros_for_empty_prompt
 from t2i_flax.interrupt import StopRequest
-from t2i_flax.metrics import MetricsWriter, log
+from t2i_flax.metrics import MetricsWriter, log, logged_values
 from t2i_flax.validation import Validation
 
 _HUB_SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
@@ -54,8 +55,9 @@ def run(config: RunConfig) -> None:
         scan_cache_path=os.path.join(output_config.output_dir, "data_scan.json"), write_scan_file=False,
         **base.loader_options())
     plan = setup.Plan.make(config, jax.device_count(), jax.local_device_count(), loader.num_examples,
-                           loader.steps_per_epoch)
-    log(f"data: {plan.num_examples} examples, global batch {plan.global_batch_size}, {plan.steps_per_epoch} "
+                           loader.steps_per_epoch, len(loader.held_out or ()))
+    held_out_note = f" ({plan.num_held_out} more held out: --validation_split)" if plan.num_held_out else ""
+    log(f"data: {plan.num_examples} examples{held_out_note}, global batch {plan.global_batch_size}, {plan.steps_per_epoch} "
         f"steps/epoch, {plan.num_train_epochs} epochs, {plan.max_train_steps} steps")
     if loader.buckets is not None:
         log(loader.buckets.describe())
@@ -92,6 +94,7 @@ def run(config: RunConfig) -> None:
     # ---- the step and the validation sampler, compiled before the first step -----------------
     train_step = compile_ahead(built, train_sizes(loader))
     validation = make_validation(config, built, frozen, state, params["vae"])
+    held_out_loss = HeldOutLoss.for_run(built, loader, config.train.seed)  # None without --validation_split
     del params
 
     # ---- output and checkpoints -----------------------------------------------------------------
@@ -118,18 +121,28 @@ def run(config: RunConfig) -> None:
         checkpoints.save(finished_steps, state, batches.get_state(), run_record)
         log(f"checkpoint {checkpoints.step_path(finished_steps)} (the loop waited {time.perf_counter() - start:.1f}s)")
 
-    validated = {}  # step -> grid path
+    validated, grids = set(), {}  # the steps validated; step -> grid path
+
+    def measure_held_out(finished_steps: int, state) -> None:
+        val_loss = held_out_loss(state.params, frozen)  # the raw weights (t2i_flax/held_out.py says why)
+        writer.add_validation(finished_steps, {"val_loss": val_loss})
+        log(f"held-out loss ({len(held_out_loss)} images) after step {finished_steps}: {val_loss:.6f}")
 
     def validate(finished_steps: int, state) -> None:
-        if validation is None or finished_steps in validated:
+        if finished_steps in validated:
             return
-        path, grid = validation(finished_steps, built.sampler_models(state, frozen)[0])
-        validated[finished_steps] = path
-        writer.add_image(finished_steps, "validation", grid, caption="; ".join(config.validation.validation_prompts))
-        log(f"validation images: {path}")
+        validated.add(finished_steps)
+        if held_out_loss is not None:
+            measure_held_out(finished_steps, state)
+        if validation is not None:
+            path, grid = validation(finished_steps, built.sampler_models(state, frozen)[0])
+            grids[finished_steps] = path
+            writer.add_image(finished_steps, "validation", grid,
+                             caption="; ".join(config.validation.validation_prompts))
+            log(f"validation images: {path}")
 
     periodic = [Every(checkpoint_config.checkpointing_steps, save_checkpoint),
-                Every(config.validation.interval(plan.steps_per_epoch), validate)]
+                Every(config.validation.interval(plan.steps_per_epoch, held_out=held_out_loss is not None), validate)]
     metrics = PendingMetrics(writer, output_config.log_every)
     final_step = max(resume_step, plan.max_train_steps)
     try:
@@ -137,6 +150,8 @@ def run(config: RunConfig) -> None:
             # Only explicit transfers (device_put, device_get) in the loop: an implicit host <-> device copy that
             # creeps into the step, the metrics, validation or checkpointing is an error.
             with jax.transfer_guard("disallow"):
+                if held_out_loss is not None and resume_step == 0:
+                    measure_held_out(0, state)  # the untrained weights: where the curve starts
                 for finished in range(resume_step + 1, plan.max_train_steps + 1):
                     with jax.transfer_guard_host_to_device("allow"):  # the one intended copy (several hosts: JAX
                         batch = sharding.global_batch(mesh, next(batches))  # counts it as an implicit one)
@@ -173,10 +188,11 @@ def run(config: RunConfig) -> None:
             log(export.write_single_file(output_config.output_dir, output_config.export_dtype))
         model_card.write_model_card(output_config.output_dir, config.model.pretrained_model_name_or_path,
                                     config.data.dataset_name or config.data.train_data_dir,
-                                    model_card.settings_table(config, plan, built.trained), validated.get(final_step),
+                                    model_card.settings_table(config, plan, built.trained), grids.get(final_step),
                                     list(config.validation.validation_prompts), lora=built.trained.is_adapter,
                                     license_name=model_card.base_model_license(model_dir),
-                                    family_tags=base.family.hub_tags, pipeline_class=base.family.pipeline_class)
+                                    family_tags=base.family.hub_tags, pipeline_class=base.family.pipeline_class,
+                                    held_out_curve=logged_values(output_config.output_dir, "val_loss"))
         log(f"saved the {'EMA of the ' if config.train.use_ema else ''}{what} to "
             f"{os.path.abspath(output_config.output_dir)}")
         if output_config.push_to_hub:
@@ -284,9 +300,9 @@ def compile_ahead(built: setup.TrainSetup, sizes: list[tuple[int, int]]) -> Step
 def make_validation(config: RunConfig, built: setup.TrainSetup, frozen: dict, state, vae_params) -> Validation | None:
     """The validation sampler, compiled now (the VAE decoder goes to the devices only for it); None without
     validation prompts."""
-    interval = config.validation.interval(built.plan.steps_per_epoch)
-    if not interval:
+    if not config.validation.validation_prompts:
         return None
+    interval = config.validation.interval(built.plan.steps_per_epoch)
     model_params, hooks = built.sampler_models(state, frozen)
     validation = Validation(config.validation, built.mesh, built.unet, built.vae, built.text_encoder,
                             built.base.tokenizer, built.sampling_scheduler_config, vae_params,

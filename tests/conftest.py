@@ -36,14 +36,15 @@ RESOLUTION = 32  # of the synthetic dataset and the tiny pipeline's training run
 # Seconds each file takes (measured, 2-core machine, one worker); `make test` runs the files on 2 workers
 # (pytest-xdist, a whole file per worker, in the order collected), so the longest go first: the short ones then
 # fill the gaps instead of one long file running alone at the end.
-FILE_SECONDS = {"test_demo.py": 180, "test_train.py": 330, "test_checkpoint.py": 265, "test_restore_faults.py": 190,
-                "test_aot.py": 220, "test_latent_cache.py": 120, "test_multihost.py": 180, "test_checkpoint_gcs.py": 100,
+FILE_SECONDS = {"test_demo.py": 200, "test_train.py": 330, "test_checkpoint.py": 265, "test_restore_faults.py": 190,
+                "test_aot.py": 220, "test_latent_cache.py": 120, "test_multihost.py": 195, "test_checkpoint_gcs.py": 100,
                 "test_train_lora.py": 140, "test_sdxl.py": 150, "test_step_vs_torch.py": 130, "test_sample.py": 85,
                 "test_cli.py": 40, "test_lora.py": 40, "test_data.py": 35, "test_generate.py": 35, "test_unet.py": 35,
                 "test_clip.py": 30, "test_setup.py": 30,
                 "test_single_file.py": 20, "test_single_file_train.py": 70,
                 "test_kohya.py": 20, "test_buckets.py": 170, "test_captions.py": 30,
-                "test_optimizers_sharded.py": 150, "test_train_options.py": 25, "test_text_encoder_lora.py": 150}
+                "test_optimizers_sharded.py": 150, "test_train_options.py": 40, "test_text_encoder_lora.py": 150,
+                "test_validation_split.py": 105}
 
 
 SLOW_FILE_SECONDS = 60  # files that take at least this long are marked slow: `make test-fast` leaves them out

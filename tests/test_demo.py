@@ -34,8 +34,22 @@ def test_the_trained_model_draws_the_prompts_colours_and_the_untrained_one_does_
     # Measured (seed 0): 8 of 8 images after 400 steps (seeds 1 and 2: 8 of 8); 1 of 8 before (chance: 2 of 8).
     assert last.mean() >= 0.9, last
     assert first.mean() < 0.9, first
-    assert sorted(os.listdir(grids)) == ["step_0.png", "step_400.png"]  # validation only at the end: the step-0
-    # grid is the demo's, drawn like the trainer's with the same sampler, seed and guidance
+    # validation every 100 steps; the step-0 grid is the demo's, drawn like the trainer's with the same sampler, seed
+    # and guidance
+    assert sorted(os.listdir(grids)) == [f"step_{step}.png" for step in (0, 100, 200, 300, 400)]
+
+
+def test_the_loss_of_the_held_out_images_falls(demo_dir):
+    """32 of the 256 images never trained (--validation_split 32): their loss, measured before training and at each
+    validation, falls at every one (measured, seed 0: 1.370, 0.646, 0.440, 0.365, 0.343)."""
+    import json
+
+    with open(os.path.join(demo_dir, "sd-shapes-model", "metrics.jsonl")) as handle:
+        curve = {entry["step"]: entry["val_loss"] for entry in map(json.loads, handle) if "val_loss" in entry}
+    assert sorted(curve) == [0, 100, 200, 300, 400]
+    values = [curve[step] for step in sorted(curve)]
+    assert values == sorted(values, reverse=True), curve
+    assert curve[400] < 0.35 * curve[0], curve  # measured 0.25
 
 
 def test_the_fitted_vae_reconstructs_the_demo_images(demo_dir):

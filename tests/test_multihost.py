@@ -1,5 +1,6 @@
 """Two processes (4 CPU devices each, coordinator on 127.0.0.1) train exactly like one process with 8
-devices: each host reads its own part of every global batch, and only process 0 writes the export."""
+devices: each host reads its own part of every global batch (and of the held-out batches: the same val_loss), and
+only process 0 writes the export."""
 import json
 import os
 import socket
@@ -28,7 +29,8 @@ def argv(pipeline_dir, dataset_dir, output_dir, devices):
     return [sys.executable, SCRIPT, "--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", dataset_dir,
             "--output_dir", output_dir, "--resolution", str(RESOLUTION), "--train_batch_size", "1",
             "--max_train_steps", str(STEPS), "--learning_rate", "0.05", "--adam_epsilon", "1.0", "--log_every", "1",
-            "--report_to", "none", "--random_flip", "--seed", "5", "--cpu_devices", str(devices)]
+            "--report_to", "none", "--random_flip", "--seed", "5", "--cpu_devices", str(devices),
+            "--validation_split", "4"]  # 12 images train (1 step an epoch); val_loss at steps 0, 5 (5 epochs) and 8
 
 
 STEPS = 8
@@ -51,8 +53,10 @@ def two_process_argv(pipeline_dir, dataset_dir, output_dir):
     return argv(pipeline_dir, dataset_dir, str(output_dir), 4) + ["--multihost", "--checkpointing_steps", "100"]
 
 
-def losses(output_dir):
-    return {entry["step"]: entry["loss"] for entry in map(json.loads, open(os.path.join(output_dir, "metrics.jsonl")))}
+def losses(output_dir, name="loss"):
+    """{step: the metric} of metrics.jsonl (the last line of a step wins); "val_loss": the held-out loss."""
+    return {entry["step"]: entry[name] for entry in map(json.loads, open(os.path.join(output_dir, "metrics.jsonl")))
+            if name in entry}
 
 
 def unet(output_dir):
@@ -81,6 +85,11 @@ def test_two_processes_train_like_one(two_process_run, pipeline_dir, dataset_dir
     assert sorted(losses(two)) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([losses(two)[s] for s in range(1, STEPS + 1)],
                                [losses(str(tmp_path / "one"))[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+    held_out = losses(two, "val_loss")
+    assert sorted(held_out) == [0, 5, STEPS]
+    assert held_out[0] == losses(str(tmp_path / "one"), "val_loss")[0]  # the same weights: the same number
+    np.testing.assert_allclose([held_out[s] for s in (5, STEPS)],
+                               [losses(str(tmp_path / "one"), "val_loss")[s] for s in (5, STEPS)], rtol=1e-5)
     one, two = load_file(unet(str(tmp_path / "one"))), load_file(unet(two))
     assert sorted(one) == sorted(two)
     for key in one:
@@ -121,9 +130,10 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(two_pro
     outputs = [w.communicate(timeout=900) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
     assert f"resumed from {output_dir / 'checkpoints' / str(stopped_at)} (step {stopped_at} of 8)" in outputs[0][0]
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [entry["step"] for entry in map(json.loads, metrics.read_text().splitlines()) if "loss" in entry]
     assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))
     uninterrupted, _ = two_process_run
     assert losses(str(output_dir)) == losses(uninterrupted)
+    assert losses(str(output_dir), "val_loss") == losses(uninterrupted, "val_loss")
     with open(unet(str(output_dir)), "rb") as resumed, open(unet(uninterrupted), "rb") as reference:
         assert resumed.read() == reference.read()

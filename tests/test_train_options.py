@@ -500,3 +500,36 @@ def test_dream_flags_resume_check_card_and_refusal():
     assert "DREAM" not in card_of(config_of())
     with pytest.raises(FlagError, match="--dream_detail_preservation must be positive"):
         config_of(dream_training=True, dream_detail_preservation=0.0)
+
+
+# ---- off changes nothing ---------------------------------------------------------------------------------------
+
+
+def test_the_options_at_their_off_values_lower_the_default_step(pipeline_dir):
+    """Issue 18's options at their off values, given explicitly (--input_perturbation 0, --timestep_bias_strategy none,
+    --optimizer adamw, --validation_split 0; --dream_training and --rescale_betas_zero_snr are switches, off when
+    absent), with the companions they ignore when off set to other values: the trainer's setup lowers the same train
+    step (StableHLO text) as with the default flags, and the options' StepConfig fields stay at the values that leave
+    their code out of the program. A held-out split changes which images train, not the step. The comparison sees a
+    difference: --input_perturbation 0.1 lowers another program."""
+    import jax
+
+    from t2i_flax.aot.cli import build_setup
+
+    def lowered(*flags):
+        config = cli.parse_config(["--pretrained_model_name_or_path", pipeline_dir, "--dataset_name", "d",
+                                   "--resolution", "32", "--train_batch_size", "1", *flags])
+        built = build_setup(config, jax.devices())
+        return built.lower().as_text(), built.step_config
+
+    default, default_config = lowered()
+    off, off_config = lowered("--input_perturbation", "0", "--timestep_bias_strategy", "none",
+                              "--timestep_bias_multiplier", "3", "--timestep_bias_portion", "0.5",
+                              "--dream_detail_preservation", "0.5", "--optimizer", "adamw", "--validation_split", "0")
+    assert off == default
+    for step_config in (default_config, off_config):
+        assert (step_config.input_perturbation, step_config.timestep_bias, step_config.dream_detail_preservation) == (
+            0.0, None, None)
+    assert lowered("--validation_split", "4")[0] == default
+    assert lowered("--input_perturbation", "0.1")[0] != default
+

@@ -236,11 +236,14 @@ class CachedExampleAt:
         self.records, self.seed, self.slots = online.records, online.seed, online.slots
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
-        online = self.online
         epoch, slot = self.slots.slot(int(position))
-        order = online._order(epoch)
+        order = self.online._order(epoch)
         record = int(self.records[order[slot % len(order)]])
-        target = online.target(epoch, slot)
+        return self.load(epoch, record, self.online.target(epoch, slot))
+
+    def load(self, epoch: int, record: int, target: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The sample of `record` in `epoch` at the size `target`, as ExampleAt.load makes it online."""
+        online = self.online
         cache = self.caches[target]
         rng = sample_rng(self.seed, epoch, record)
         caption = online.pick_caption(self.captions[record][online.caption_column], record, rng)

@@ -23,6 +23,7 @@ import numpy as np
 
 from t2i_flax.config import DataConfig
 from t2i_flax.data import buckets as bucketing
+from t2i_flax.data import held_out
 from t2i_flax.data.captions import TagOptions
 from t2i_flax.data.examples import ExampleAt
 from t2i_flax.data.order import HostSlots, selected_records
@@ -175,10 +176,13 @@ def records_digest(records: np.ndarray, buckets: "bucketing.BucketPlan | None" =
 class TrainLoader:
     """Host-local training batches over epochs. Build with `build_train_loader`.
 
-    Attributes: num_examples (usable records, all hosts), steps_per_epoch, host_batch_size,
+    Attributes: num_examples (usable records that train, all hosts), steps_per_epoch, host_batch_size,
     global_batch_size, num_epochs (None: unbounded), total_batches, stats (DataStats),
-    scan_from_cache (the scan result was read from the scan file), records_digest.
+    scan_from_cache (the scan result was read from the scan file), records_digest, held_out (data/held_out.py's
+    HeldOutSet with --validation_split, else None).
     """
+
+    held_out = None  # --validation_split's HeldOutSet (build_train_loader sets it)
 
     def __init__(self, example_fn: ExampleAt, stats: DataStats, *, num_epochs: int | None, num_workers: int,
                  prefetch_batches: int, scan_from_cache: bool = False,
@@ -195,7 +199,7 @@ class TrainLoader:
         self.global_batch_size = slots.global_batch_size
         self.process_index, self.process_count = slots.process_index, slots.process_count
         self.resolution = example_fn.resolution
-        self.num_examples = stats.num_examples
+        self.num_examples = len(example_fn.records)  # the trained ones (--validation_split holds out the others)
         self.steps_per_epoch = slots.steps_per_epoch
         self.num_epochs = num_epochs
         self.total_batches = (
@@ -338,22 +342,26 @@ def build_train_loader(
     if stats.num_examples == 0:
         raise DataError(f"no readable image among the {stats.num_records} records of the dataset")
     global_batch_size = host_batch_size * process_count
+    trained, trained_sizes, held_out_mask = scan.usable, scan.sizes, None
+    if data_config.validation_split:  # the held-out images never enter an epoch (data/held_out.py)
+        held_out_mask = held_out.choose(data_config.validation_split, len(scan.usable), global_batch_size, seed)
+        trained, trained_sizes = scan.usable[~held_out_mask], scan.sizes[~held_out_mask]
     bucket_plan = None
     if data_config.aspect_ratio_buckets:
         if not validate_images:
             raise ValueError("aspect-ratio buckets need the images' sizes: scan with validate_images=True")
-        bucket_plan = bucketing.make_plan(scan.sizes, data_config.resolution, data_config.bucket_step,
+        bucket_plan = bucketing.make_plan(trained_sizes, data_config.resolution, data_config.bucket_step,
                                           data_config.min_bucket_resolution, data_config.bucket_max_side,
                                           global_batch_size, seed)
         steps_per_epoch = bucket_plan.steps_per_epoch
     else:
-        steps_per_epoch = stats.num_examples // global_batch_size
+        steps_per_epoch = len(trained) // global_batch_size
     slots = HostSlots(host_batch_size=host_batch_size, process_index=process_index, process_count=process_count,
                       steps_per_epoch=steps_per_epoch)
     if slots.steps_per_epoch == 0:
         raise DataError(f"the dataset has {stats.num_examples} usable images, fewer than one global batch "
                         f"({slots.global_batch_size}); lower --train_batch_size")
-    example_fn = ExampleAt(dataset, scan.usable, image_column=image_column, caption_column=caption_column,
+    example_fn = ExampleAt(dataset, trained, image_column=image_column, caption_column=caption_column,
                            tokenizer=tokenizer, resolution=data_config.resolution,
                            center_crop=data_config.center_crop, random_flip=data_config.random_flip, seed=seed,
                            slots=slots, tokenizer_2=tokenizer_2, size_conditioning=size_conditioning,
@@ -366,6 +374,9 @@ def build_train_loader(
                          prefetch_batches=prefetch_batches, scan_from_cache=scan_from_cache,
                          unwritten_scan_file=unwritten_scan_file)
     loader.dataset_identity = identity  # what a latent cache of this data is keyed by (None: not cacheable)
+    loader.held_out = None if held_out_mask is None else held_out.held_out_set(
+        scan.usable[held_out_mask], scan.sizes[held_out_mask], data_config.resolution,
+        None if bucket_plan is None else bucket_plan.used_sizes, global_batch_size)
     if write_scan_file:
         loader.write_scan_file()
     return loader
