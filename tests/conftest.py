@@ -1,7 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+SIMULATED_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SIMULATED_DEVICES_FLAG).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,6 +31,14 @@ compile_cache.enable(os.environ["T2I_FLAX_COMPILATION_CACHE"])
 # On 2 cores, torch's thread pool and XLA's fight after JAX has run (the PyTorch oracle then runs ~30x
 # slower); one torch thread keeps both fast.
 torch.set_num_threads(1)
+
+def process_environment(**changes) -> dict:
+    """os.environ for a process a test starts (a training run, generate): this session's XLA flags without the
+    simulated device count, which the process sets itself (--cpu_devices); `changes` set (or, None, remove) more."""
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(SIMULATED_DEVICES_FLAG, "").strip())
+    env.update(changes)
+    return {name: value for name, value in env.items() if value is not None}
+
 
 RESOLUTION = 32  # of the synthetic dataset and the tiny pipeline's training runs
 

@@ -20,6 +20,7 @@ from t2i_flax.config import DataConfig, bucket_sizes
 from t2i_flax.data import buckets
 from t2i_flax.errors import DataError, FlagError
 
+from conftest import process_environment
 from test_checkpoint import ROOT, SCRIPT
 from test_data import DATA_CONFIG_FIELDS, take
 from test_multihost import free_port
@@ -241,7 +242,7 @@ def bucket_argv(pipeline_dir, dataset_dir, output_dir, devices=8, *extra):
 
 
 def environment():
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return process_environment()
 
 
 def losses(output_dir):

@@ -23,7 +23,7 @@ from t2i_flax.models import FlaxUNet2DConditionModel
 
 checkpoint.setup_process()  # as the command lines do
 
-from conftest import RESOLUTION
+from conftest import RESOLUTION, process_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_text_to_image_flax.py")
@@ -56,7 +56,7 @@ def run_argv(pipeline_dir, dataset_dir, output_dir, *extra):
 
 
 def environment():
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return process_environment()
 
 
 def run(argv, **kwargs):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import process_environment
 from t2i_flax import data
 from t2i_flax.config import DataConfig
 from t2i_flax.data import scan, scan_cache
@@ -440,8 +441,7 @@ def test_two_jax_processes_scan_half_each_and_agree(tmp_path):
     single = [data.build_train_loader(DataConfig(train_data_dir=str(folder), resolution=8, random_flip=True),
                                       clip_tokenizer, cache_dir=str(hf_cache), host_batch_size=2, seed=4,
                                       process_index=p, process_count=2) for p in range(2)]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{free_port()}")
+    env = process_environment(JAX_PLATFORMS="cpu", COORDINATOR=f"127.0.0.1:{free_port()}")
     argv = [sys.executable, "-c", TWO_PROCESS_WORKER, str(folder), str(hf_cache), str(scan_file), str(tokenizer_dir),
             str(tmp_path)]
     workers = [subprocess.Popen(argv, env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

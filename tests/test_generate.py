@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from conftest import process_environment
 from oracle import rel_err
 from t2i_flax import demo, generate, lora, lora_files, sharding, weights
 from t2i_flax.models import FlaxUNet2DConditionModel
@@ -52,7 +53,7 @@ def test_writes_one_png_per_image_and_a_grid(first_run, capsys):
 
 def test_same_seed_gives_byte_identical_pngs_in_a_new_process(model_dir, first_run, tmp_path):
     """The real command line, in a fresh process whose devices come from --cpu_devices alone."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = process_environment(JAX_PLATFORMS=None)
     command = [sys.executable, "-m", "t2i_flax.generate", *argv(model_dir, tmp_path, "--cpu_devices", "8")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import RESOLUTION
+from conftest import RESOLUTION, process_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_text_to_image_flax.py")
@@ -37,7 +37,7 @@ STEPS = 8
 
 
 def environment():
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return process_environment()
 
 
 def start_two(command):

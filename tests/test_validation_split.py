@@ -229,11 +229,12 @@ def held_out_loss_of_the_base_weights(pipeline_dir, dataset_dir, output_dir, *fl
 def test_lora_cached_latents_and_fsdp_measure_the_same_loss(uninterrupted, pipeline_dir, dataset_dir, tmp_path):
     """LoRA adapters at their start (B = 0: the base UNet's predictions), the held-out images read from the latent
     cache (the VAE is not in the program), the weights sharded 8 ways (--fsdp 8): the held-out loss of step 0 is the
-    plain run's (on this CPU bit for bit)."""
+    plain run's (to float32 rounding: the programs differ, so XLA may order their sums differently)."""
     plain = val_losses(uninterrupted)[0]
     measured = held_out_loss_of_the_base_weights(pipeline_dir, dataset_dir, str(tmp_path / "lora"), "--lora_rank", "4",
                                                  "--cache_latents", "--fsdp", "8")
-    assert measured == plain  # measured: bit for bit (B = 0 adds exact zeros; the cache holds the same moments)
+    # Measured: bit for bit on this CPU; 7e-8 relative with other XLA flags (--xla_backend_optimization_level=0)
+    assert measured == pytest.approx(plain, rel=1e-6, abs=0)
 
 
 def test_prodigy_and_the_held_out_loss_resume_exactly_after_sigkill(uninterrupted, pipeline_dir, dataset_dir,
