@@ -5,6 +5,7 @@ gradients equal PyTorch's; a training run's file, merge, validation images, expo
 Error measure: max|ours - reference| / max|reference| (oracle.rel_err)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -19,7 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from oracle import rel_err
-from t2i_flax import cli, data, errors, export, family, lora, lora_files, optim, sharding, step, tokenizer, trainable
+from t2i_flax import (cli, data, errors, export, family, held_out, lora, lora_files, optim, sharding, step, tokenizer,
+                      trainable)
 from t2i_flax.config import DataConfig
 from t2i_flax.diffusion.noise import load_noise_schedule
 
@@ -378,6 +380,32 @@ def test_training_lowers_the_loss_and_moves_the_text_encoder_adapters(step_setup
     text_B = [np.abs(b).max() for _, b in lora.adapters(jax.device_get(state.params["text_encoder"])).values()]
     assert len(text_B) == 8 and min(text_B) > 1e-3
     assert s["grads_of"]._cache_size() == 1
+
+
+
+def test_the_held_out_loss_reads_the_text_encoder_adapters(step_setup, sd, torch_pipeline_dir, dataset_dir):
+    """--validation_split with --train_text_encoder: the held-out loss conditions on the adapted text encoder, as the
+    step does (the trainable's hook): with the text encoder's B at zero it is the UNet-only LoRA's loss, with random
+    B it is another."""
+    s = step_setup
+    modules, _ = sd
+    unet_only = trainable.from_config(cli.parse_config([
+        "--pretrained_model_name_or_path", torch_pipeline_dir, "--train_data_dir", dataset_dir, "--output_dir",
+        "unused", "--lora_rank", str(RANK), "--lora_alpha", str(ALPHA)]), modules)
+    batch = dict(s["batch"], held_out_index=jnp.arange(2, dtype=jnp.int32))
+    key, timesteps = held_out.fixed_key(0), held_out.fixed_timesteps(1000)
+
+    def losses(config, params):
+        return np.asarray(jax.jit(lambda p: step.held_out_losses(config, p, s["frozen"], batch, key, timesteps))(params))
+
+    text_adapters = jax.device_get(s["adapters"]["text_encoder"])
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: np.zeros_like(leaf) if path[-1].key == lora.B else leaf, text_adapters)
+    adapted = losses(s["config"], s["adapters"])
+    at_zero = losses(s["config"], {"unet": s["adapters"]["unet"], "text_encoder": zeroed})
+    np.testing.assert_allclose(at_zero, losses(dataclasses.replace(s["config"], trainable=unet_only),
+                                               s["adapters"]["unet"]), rtol=1e-6)
+    assert np.abs(adapted - at_zero).max() > 1e-3 * np.abs(at_zero).max(), (adapted, at_zero)
 
 
 # ---- a training run through the command line ------------------------------------------------------------------
