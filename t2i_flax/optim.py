@@ -16,10 +16,13 @@ The optimizers and the flags they read (everything else is optax's default):
              safeguard_warmup, as prodigy's authors advise, since its estimate is 0/0 otherwise"""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "prodigy")
@@ -27,28 +30,39 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 POLYNOMIAL_END_LR = 1e-7
 
 
-def lr_multiplier(name: str, step, warmup_steps: int, total_steps: int, base_lr: float):
-    """The factor diffusers' get_scheduler(name) applies at update `step` (jnp scalar or int)."""
-    step = jnp.asarray(step, jnp.float32)
-    warmup = step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if name == "constant":
-        return jnp.ones_like(step)
-    if name == "constant_with_warmup":
-        after = jnp.ones_like(step)
-    elif name == "linear":
-        after = jnp.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    elif name == "cosine":  # half a cosine wave, down to 0 at total_steps
-        after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress)))
-    elif name == "cosine_with_restarts":  # one cycle by default
-        after = jnp.where(progress >= 1.0, 0.0, jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * (progress % 1.0)))))
-    elif name == "polynomial":  # power 1, to POLYNOMIAL_END_LR
-        remaining = 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        decayed = ((base_lr - POLYNOMIAL_END_LR) * remaining + POLYNOMIAL_END_LR) / base_lr
-        after = jnp.where(step > total_steps, POLYNOMIAL_END_LR / base_lr, decayed)
-    else:
+def _after_warmup(step, warmup_steps, total_steps, base_lr) -> dict:
+    """Each schedule's factor after its warmup, at update `step` (float32); the numbers may be Python or traced."""
+    span = jnp.maximum(1.0, jnp.asarray(total_steps - warmup_steps, jnp.float32))
+    progress = (step - warmup_steps) / span
+    remaining = 1.0 - (step - warmup_steps) / span
+    decayed = ((base_lr - POLYNOMIAL_END_LR) * remaining + POLYNOMIAL_END_LR) / base_lr
+    return {
+        "constant": jnp.ones_like(step),
+        "constant_with_warmup": jnp.ones_like(step),
+        "linear": jnp.maximum(0.0, (total_steps - step) / span),
+        "cosine": jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress))),  # down to 0 at the end
+        "cosine_with_restarts": jnp.where(  # one cycle by default
+            progress >= 1.0, 0.0, jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * (progress % 1.0))))),
+        "polynomial": jnp.where(step > total_steps, POLYNOMIAL_END_LR / base_lr, decayed),  # power 1, to the end lr
+    }
+
+
+def lr_multiplier(name, step, warmup_steps, total_steps, base_lr):
+    """The factor diffusers' get_scheduler(name) applies at update `step` (jnp scalar or int). `name` is a schedule's
+    name, or its index in SCHEDULES as a (traced) integer: the program then holds every schedule and picks one."""
+    if isinstance(name, str) and name not in SCHEDULES:
         raise ValueError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULES)}")
-    return jnp.where(step < warmup_steps, warmup, after)
+    step = jnp.asarray(step, jnp.float32)
+    after = _after_warmup(step, warmup_steps, total_steps, base_lr)
+    if isinstance(name, str):
+        chosen = after[name]
+    else:
+        chosen = jnp.select([name == index for index in range(len(SCHEDULES))], [after[s] for s in SCHEDULES])
+    if isinstance(name, str) and name == "constant":
+        return chosen
+    warmup = step / jnp.maximum(1.0, jnp.asarray(warmup_steps, jnp.float32))
+    constant = (name == "constant") if isinstance(name, str) else (name == SCHEDULES.index("constant"))
+    return jnp.where(jnp.logical_and(step < warmup_steps, jnp.logical_not(constant)), warmup, chosen)
 
 
 def learning_rate_schedule(name: str, base_lr: float, warmup_steps: int, total_steps: int):
@@ -81,3 +95,64 @@ def make_optimizer(schedule, beta1=0.9, beta2=0.999, weight_decay=1e-2, epsilon=
     else:
         raise ValueError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), update)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """The run's optimizer and EMA: its kind and its numbers. The numbers that runs commonly change (the learning rate,
+    its schedule, warmup and length, Adam's epsilon, the weight decay, the clipping norm, the EMA decay) reach the
+    compiled step as arrays (the step's frozen["hyperparameters"], `arrays()`), not as constants compiled into it: runs
+    that differ only in them (a learning-rate sweep, a resume that trains longer) run one program, which the
+    compilation cache gives back instead of compiling it again (minutes for SDXL on a TPU). The optimizer's kind, the
+    decay mask, Adam's betas (optax derives 1 - beta from them, exactly only from a Python float) and Prodigy's and
+    Adafactor's own numbers stay constants of the program."""
+    name: str = "adamw"
+    schedule: str = "constant"
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    decay_mask: bool = False
+    warmup: bool = False          # the first lr is 0 (prodigy then safeguards its estimate)
+    ema_decay: float = 0.9999
+
+    RUNTIME: ClassVar[tuple] = ("schedule", "learning_rate", "warmup_steps", "total_steps", "epsilon", "weight_decay",
+                                "max_grad_norm", "ema_decay")
+
+    def __post_init__(self):
+        if self.schedule == "polynomial" and not self.learning_rate > POLYNOMIAL_END_LR:
+            raise ValueError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}: --learning_rate must be larger")
+        lr_multiplier(self.schedule, 0, self.warmup_steps, self.total_steps, self.learning_rate)  # validates the name
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+    def arrays(self) -> dict:
+        """The step's input: each runtime number as a float32 scalar (the schedule as its index in SCHEDULES)."""
+        return {name: np.int32(SCHEDULES.index(self.schedule)) if name == "schedule" else np.float32(getattr(self, name))
+                for name in self.RUNTIME}
+
+    def abstract(self) -> dict:
+        return {name: jax.ShapeDtypeStruct((), value.dtype) for name, value in self.arrays().items()}
+
+    def learning_rate_schedule(self, values: dict | None = None):
+        """update count -> lr: from the step's arrays `values`, or (None) from this object's numbers as constants."""
+        if values is None:
+            return learning_rate_schedule(self.schedule, self.learning_rate, self.warmup_steps, self.total_steps)
+        return lambda count: values["learning_rate"] * lr_multiplier(
+            values["schedule"], count, values["warmup_steps"], values["total_steps"], values["learning_rate"])
+
+    def optimizer(self, values: dict | None = None) -> optax.GradientTransformation:
+        """The optimizer chain (make_optimizer) reading `values` (the step's arrays), or this object's constants."""
+        if values is None or self.name == "prodigy":  # prodigy's own numbers stay constants; its lr is scheduled
+            numbers = {"epsilon": self.epsilon, "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm}
+        else:
+            numbers = {name: values[name] for name in ("epsilon", "weight_decay", "max_grad_norm")}
+        return make_optimizer(self.learning_rate_schedule(values), self.beta1, self.beta2, numbers["weight_decay"],
+                              numbers["epsilon"], numbers["max_grad_norm"], self.decay_mask, self.name, self.warmup)
+
+    def ema_decay_value(self, values: dict | None = None):
+        return self.ema_decay if values is None else values["ema_decay"]

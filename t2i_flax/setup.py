@@ -162,7 +162,8 @@ class TrainSetup:
         PyTorch script casts the frozen models; with LoRA the UNet too)."""
         tree = step.frozen_params(None if self.config.data.cache_latents else params["vae"], params["text_encoder"],
                                   self.trained.frozen_unet(params.get("unet")), params.get("text_encoder_2"))
-        return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), tree)
+        tree = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(self.dtype), tree)
+        return dict(tree, hyperparameters=self.step_config.hyperparameters.arrays())
 
     def place_frozen(self, params: dict) -> dict:
         return jax.device_put(self.frozen_params(params), self.frozen_sharding)
@@ -212,15 +213,18 @@ def batch_image_size(batch: dict) -> tuple[int, int]:
 def make_step_config(config: RunConfig, plan: Plan, modules: families.Modules, noise_schedule: NoiseSchedule,
                      trained, family=families.STABLE_DIFFUSION) -> step.StepConfig:
     optimizer_config = config.optimizer
-    schedule = optim.learning_rate_schedule(optimizer_config.lr_scheduler, plan.learning_rate,
-                                            optimizer_config.lr_warmup_steps, plan.max_train_steps)
-    optimizer = optim.make_optimizer(schedule, optimizer_config.adam_beta1, optimizer_config.adam_beta2,
-                                     optimizer_config.adam_weight_decay, optimizer_config.adam_epsilon,
-                                     optimizer_config.max_grad_norm, optimizer_config.no_decay_bias_and_norm,
-                                     optimizer_config.optimizer, optimizer_config.warmup)
+    hyperparameters = optim.Hyperparameters(
+        name=optimizer_config.optimizer, schedule=optimizer_config.lr_scheduler, learning_rate=plan.learning_rate,
+        warmup_steps=optimizer_config.lr_warmup_steps, total_steps=plan.max_train_steps,
+        beta1=optimizer_config.adam_beta1, beta2=optimizer_config.adam_beta2, epsilon=optimizer_config.adam_epsilon,
+        weight_decay=optimizer_config.adam_weight_decay, max_grad_norm=optimizer_config.max_grad_norm,
+        decay_mask=optimizer_config.no_decay_bias_and_norm, warmup=optimizer_config.warmup,
+        ema_decay=config.train.ema_decay)
+    schedule, optimizer = hyperparameters.learning_rate_schedule(), hyperparameters.optimizer()
     return step.StepConfig(unet=modules.unet, vae=modules.vae, text_encoder=modules.text_encoder,
                            noise_schedule=noise_schedule, optimizer=optimizer, learning_rate=schedule,
                            use_ema=config.train.use_ema, ema_decay=config.train.ema_decay,
+                           hyperparameters=hyperparameters,
                            noise_offset=config.train.noise_offset,
                            input_perturbation=config.train.input_perturbation,
                            timestep_bias=TimestepBias.from_config(config.train),
@@ -263,6 +267,7 @@ def build(config: RunConfig, base: BaseModel, mesh, plan: Plan) -> TrainSetup:
     frozen = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), step.frozen_params(
         None if config.data.cache_latents else shapes["vae"], shapes["text_encoder"],
         trained.frozen_unet(shapes["unet"]), shapes["text_encoder_2"]))
+    frozen["hyperparameters"] = step_config.hyperparameters.abstract()  # float32 and int32, not the compute dtype
     frozen_sharding = sharding.tree_shardings(mesh, frozen)
     batch = abstract_batch(mesh, plan.global_batch_size, config.data.resolution,
                            tuple(int(t.model_max_length) for t in base.tokenizers), modules.vae,

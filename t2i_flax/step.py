@@ -64,6 +64,10 @@ class StepConfig:
     trainable: Any = FULL_UNET
     family: Any = STABLE_DIFFUSION  # how the UNet is conditioned on the batch's captions (t2i_flax/family.py)
     text_encoder_2: Any = None      # SDXL's second text encoder
+    # optim.Hyperparameters whose numbers the step reads from frozen["hyperparameters"] (arrays) instead of compiling
+    # them in (then `optimizer`, `learning_rate` and `ema_decay` are its constants, used to build the state); None:
+    # the step uses `optimizer`, `learning_rate` and `ema_decay` as they are.
+    hyperparameters: Any = None
 
     @property
     def modules(self) -> Modules:
@@ -259,22 +263,34 @@ def held_out_losses(config: StepConfig, params, frozen: dict, batch: dict, key, 
     return jnp.mean(jax.lax.stop_gradient(losses_KB), axis=0)
 
 
-def apply_gradients(config: StepConfig, state: TrainState, grads) -> TrainState:
+def update_rule(config: StepConfig, frozen: dict | None):
+    """(optimizer, learning-rate schedule, EMA decay) the step applies: built from frozen["hyperparameters"] where the
+    config's hyperparameters are step inputs, else the config's own."""
+    if config.hyperparameters is None:
+        return config.optimizer, config.learning_rate, config.ema_decay
+    values = frozen["hyperparameters"]
+    hyper = config.hyperparameters
+    return hyper.optimizer(values), hyper.learning_rate_schedule(values), hyper.ema_decay_value(values)
+
+
+def apply_gradients(config: StepConfig, state: TrainState, grads, frozen: dict | None = None) -> TrainState:
     """Clip + the optimizer (the chain of t2i_flax/optim.py), then the EMA update."""
-    updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
+    optimizer, _, ema_decay = update_rule(config, frozen)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if config.use_ema:
-        decay = ema_decay_at(state.step, config.ema_decay)
+        decay = ema_decay_at(state.step, ema_decay)
         ema_params = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
 
 
 def train_step(config: StepConfig, state: TrainState, frozen: dict, batch: dict):
     loss, grads = loss_and_grads(config, state.params, frozen, batch, step_key(state))
+    learning_rate = update_rule(config, frozen)[1]
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": jnp.asarray(config.learning_rate(state.step), jnp.float32)}
-    return apply_gradients(config, state, grads), metrics
+               "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32)}
+    return apply_gradients(config, state, grads, frozen), metrics
 
 
 def state_shardings(config: StepConfig, mesh, params_shape, seed: int = 0):
@@ -302,9 +318,11 @@ def compile_train_step(config: StepConfig, mesh, state_sharding, frozen_sharding
     """One jax.jit of the pure step with explicit shardings; the state buffer is donated."""
     metrics_sharding = {name: sharding.replicated(mesh) for name in ("loss", "grad_norm", "learning_rate")}
     batch_sharding = sharding.batch_sharding(mesh)
+    # keep_unused: every input stays an argument of the program, also a hyperparameter this run does not read (the EMA
+    # decay without EMA), so that the compiled arguments line up with the inputs (aot reads their layouts).
     return jax.jit(lambda state, frozen, batch: train_step(config, state, frozen, batch),
                    in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                   out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,))
+                   out_shardings=(state_sharding, metrics_sharding), donate_argnums=(0,), keep_unused=True)
 
 
 def create_state(config: StepConfig, mesh, params, seed: int):

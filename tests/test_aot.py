@@ -12,9 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from t2i_flax import weights
+from t2i_flax import optim, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The optimizer's and EMA's numbers the step reads as float32/int32 scalars (optim.Hyperparameters), replicated.
+HYPERPARAMETER_BYTES = 4 * len(optim.Hyperparameters.RUNTIME)
 RES, BATCH, DEVICES, TEXT_LENGTH = 32, 2, 8, 77
 GiB = 2**30
 
@@ -95,7 +97,7 @@ def test_replicated_per_core_bytes_are_the_shapes_bytes(replicated, shapes):
     assert 2 * params < found["opt_state_bytes"] <= 2 * params + 4 * 4
     assert found["step_and_rng_bytes"] == 4 + 8  # int32 step, uint32[2] key
     frozen = tree_bytes(shapes["vae_encoder"], 4) + tree_bytes(shapes["text_encoder"], 4)  # float32 compute
-    assert found["frozen_bytes"] == frozen
+    assert found["frozen_bytes"] == frozen + HYPERPARAMETER_BYTES
     assert found["batch_bytes"] == BATCH * (3 * RES * RES * 4 + TEXT_LENGTH * 4)
     assert found["argument_bytes"] == sum(found[k] for k in ("params_bytes", "opt_state_bytes", "ema_bytes",
                                                             "step_and_rng_bytes", "frozen_bytes", "batch_bytes"))
@@ -123,7 +125,8 @@ def test_fsdp8_shards_params_adam_ema_and_frozen_models(replicated, fsdp8_ema_va
     assert found["params_bytes"] == found["ema_bytes"] == params
     assert 2 * params < found["opt_state_bytes"] <= 2 * params + 16
     # The frozen models run in bf16 (2 bytes) and are sharded by the same rule.
-    assert found["frozen_bytes"] == tree_bytes(shapes["vae_encoder"], 2, 8) + tree_bytes(shapes["text_encoder"], 2, 8)
+    assert found["frozen_bytes"] == (tree_bytes(shapes["vae_encoder"], 2, 8) + tree_bytes(shapes["text_encoder"], 2, 8)
+                                     + HYPERPARAMETER_BYTES)
     # Against the replicated run: the shrink factor of the parameters is the one the rule gives (all but biases,
     # norms and indivisible kernels split 8 ways): 792,964 float32 -> 106,516 per core.
     factor = replicated["train_step"]["shapes"]["params_bytes"] / found["params_bytes"]
@@ -158,7 +161,7 @@ def test_lora_trains_only_the_adapters_on_the_frozen_unet(pipeline_dir, shapes):
     assert step["shapes"]["params_bytes"] == step["shapes"]["ema_bytes"] == 4 * trained
     # The frozen UNet joins the frozen models, in bf16.
     frozen = sum(tree_bytes(shapes[name], 2) for name in ("unet", "vae_encoder", "text_encoder"))
-    assert step["shapes"]["frozen_bytes"] == frozen
+    assert step["shapes"]["frozen_bytes"] == frozen + HYPERPARAMETER_BYTES
 
 
 def test_a_batch_that_does_not_fit_shows_the_compiler_line_and_exits_3(pipeline_dir):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -255,8 +256,9 @@ UNET = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 @pytest.fixture(scope="module")
 def bucket_reference(pipeline_dir, bucket_dataset, tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("bucket_reference"))
-    result = subprocess.run(bucket_argv(pipeline_dir, bucket_dataset, output_dir), env=environment(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    # A checkpoint only at the end (the runs that resume write theirs): each save is ~1 s on 2 cores.
+    result = subprocess.run(bucket_argv(pipeline_dir, bucket_dataset, output_dir, 8, "--checkpointing_steps", "100"),
+                            env=environment(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result.stdout
 
@@ -278,12 +280,13 @@ def test_sigkill_in_the_middle_of_an_epoch_then_resume_is_bit_identical(bucket_r
                                                                        bucket_dataset, tmp_path):
     reference, _ = bucket_reference
     output_dir = str(tmp_path / "out")
-    argv = bucket_argv(pipeline_dir, bucket_dataset, output_dir)
+    argv = bucket_argv(pipeline_dir, bucket_dataset, output_dir, 8, "--checkpointing_steps", "3")
     process = subprocess.Popen(argv, env=environment(), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     checkpoint = os.path.join(output_dir, "checkpoints", "3")  # step 3: the middle of the second epoch
     while not os.path.isdir(checkpoint):
         assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)  # not a busy loop: it would take a core from the training it waits for
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=300)
     result = subprocess.run(argv + ["--resume_from_checkpoint", "latest"], env=environment(), cwd=ROOT,
@@ -298,7 +301,9 @@ def test_two_processes_with_buckets_train_like_one(bucket_reference, pipeline_di
     reference, _ = bucket_reference
     output_dir = str(tmp_path / "two")
     port = free_port()
-    command = bucket_argv(pipeline_dir, bucket_dataset, output_dir, 4, "--multihost")
+    # No decode workers and one checkpoint (at the end): the reference has them, and neither changes what trains.
+    command = bucket_argv(pipeline_dir, bucket_dataset, output_dir, 4, "--multihost", "--checkpointing_steps", "100",
+                          "--dataloader_num_workers", "0")
     workers = [subprocess.Popen(command, env=dict(environment(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
