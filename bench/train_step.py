@@ -199,7 +199,9 @@ def main(argv=None) -> None:
     params = random_like(built.trained.abstract_params(built.unet), rng)
     state, _ = step.create_state(built.step_config, mesh, params, args.seed)
     del params
-    frozen = jax.device_put(random_like(built.frozen, rng), built.frozen_sharding)
+    frozen = random_like({name: tree for name, tree in built.frozen.items() if name != "hyperparameters"}, rng)
+    frozen["hyperparameters"] = built.step_config.hyperparameters.arrays()  # the run's lr, epsilon, ... (not random)
+    frozen = jax.device_put(frozen, built.frozen_sharding)
     host_batch = {name: rng.integers(0, built.text_encoder.vocab_size, built.batch[name].shape, dtype=np.int32)
                   for name in ("input_ids", "input_ids_2") if name in built.batch}
     if "time_ids" in built.batch:  # SDXL: original size, crop, target size

@@ -30,39 +30,39 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 POLYNOMIAL_END_LR = 1e-7
 
 
-def _after_warmup(step, warmup_steps, total_steps, base_lr) -> dict:
-    """Each schedule's factor after its warmup, at update `step` (float32); the numbers may be Python or traced."""
+def _after_warmup(name: str, step, warmup_steps, total_steps, base_lr):
+    """Schedule `name`'s factor after its warmup at update `step` (float32); the numbers may be Python or traced."""
     span = jnp.maximum(1.0, jnp.asarray(total_steps - warmup_steps, jnp.float32))
+    if name in ("constant", "constant_with_warmup"):
+        return jnp.ones_like(step)
+    if name == "linear":
+        return jnp.maximum(0.0, (total_steps - step) / span)
     progress = (step - warmup_steps) / span
-    remaining = 1.0 - (step - warmup_steps) / span
-    decayed = ((base_lr - POLYNOMIAL_END_LR) * remaining + POLYNOMIAL_END_LR) / base_lr
-    return {
-        "constant": jnp.ones_like(step),
-        "constant_with_warmup": jnp.ones_like(step),
-        "linear": jnp.maximum(0.0, (total_steps - step) / span),
-        "cosine": jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress))),  # down to 0 at the end
-        "cosine_with_restarts": jnp.where(  # one cycle by default
-            progress >= 1.0, 0.0, jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * (progress % 1.0))))),
-        "polynomial": jnp.where(step > total_steps, POLYNOMIAL_END_LR / base_lr, decayed),  # power 1, to the end lr
-    }
+    if name == "cosine":  # half a cosine wave, down to 0 at total_steps
+        return jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress)))
+    if name == "cosine_with_restarts":  # one cycle by default
+        return jnp.where(progress >= 1.0, 0.0, jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * (progress % 1.0)))))
+    if name == "polynomial":  # power 1, to POLYNOMIAL_END_LR
+        remaining = 1.0 - (step - warmup_steps) / span
+        decayed = ((base_lr - POLYNOMIAL_END_LR) * remaining + POLYNOMIAL_END_LR) / base_lr
+        return jnp.where(step > total_steps, POLYNOMIAL_END_LR / base_lr, decayed)
+    raise ValueError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULES)}")
 
 
 def lr_multiplier(name, step, warmup_steps, total_steps, base_lr):
     """The factor diffusers' get_scheduler(name) applies at update `step` (jnp scalar or int). `name` is a schedule's
-    name, or its index in SCHEDULES as a (traced) integer: the program then holds every schedule and picks one."""
-    if isinstance(name, str) and name not in SCHEDULES:
-        raise ValueError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULES)}")
+    name, or its index in SCHEDULES as a (traced) integer with traced numbers: the program then holds every schedule
+    and picks one."""
     step = jnp.asarray(step, jnp.float32)
-    after = _after_warmup(step, warmup_steps, total_steps, base_lr)
     if isinstance(name, str):
-        chosen = after[name]
-    else:
-        chosen = jnp.select([name == index for index in range(len(SCHEDULES))], [after[s] for s in SCHEDULES])
-    if isinstance(name, str) and name == "constant":
-        return chosen
-    warmup = step / jnp.maximum(1.0, jnp.asarray(warmup_steps, jnp.float32))
-    constant = (name == "constant") if isinstance(name, str) else (name == SCHEDULES.index("constant"))
-    return jnp.where(jnp.logical_and(step < warmup_steps, jnp.logical_not(constant)), warmup, chosen)
+        after = _after_warmup(name, step, warmup_steps, total_steps, base_lr)
+        if name == "constant":
+            return after
+        return jnp.where(step < warmup_steps, step / max(1, warmup_steps), after)
+    after = jnp.select([name == index for index in range(len(SCHEDULES))],
+                       [_after_warmup(schedule, step, warmup_steps, total_steps, base_lr) for schedule in SCHEDULES])
+    warmup = step / jnp.maximum(1.0, warmup_steps)
+    return jnp.where(jnp.logical_and(step < warmup_steps, name != SCHEDULES.index("constant")), warmup, after)
 
 
 def learning_rate_schedule(name: str, base_lr: float, warmup_steps: int, total_steps: int):

@@ -7,7 +7,8 @@ the text encoders' conditioning (the model family's: SD's CLIP last hidden state
 states, pooled embedding and time ids; outside the gradient when the encoders are frozen, inside it with
 --train_text_encoder: the trainable's hooks) -> UNet -> float32 MSE against the config's target (noise or velocity)
 -> clip + the optimizer (AdamW by default) -> EMA. Frozen VAE/text encoder parameters are arguments, not closed-over
-constants.
+constants, and so are the optimizer's and EMA's numbers (frozen["hyperparameters"], optim.Hyperparameters: runs that
+differ only in them share the compiled program).
 
 The pieces (`draw_randomness`, `encode_latents`, `conditioned_loss`, `diffusion_loss`, `loss_and_grads`,
 `apply_gradients`) are separate so that tests can check each against diffusers' PyTorch training math.
