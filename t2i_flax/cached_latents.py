@@ -33,7 +33,7 @@ def loader_over_cache(config: RunConfig, loader, built, vae_params):
                   "image_column": data_config.image_column, "resolution": data_config.resolution, "center_crop": True}
     local = jax.local_device_count()
     online = loader.example_fn
-    placed = jax.device_put(encoder, sharding.tree_shardings(mesh, encoder))
+    placed = sharding.put(encoder, sharding.tree_shardings(mesh, encoder))
     where = sharding.batch_sharding(mesh)
     encode = jax.jit(lambda params, pixels: step.posterior_moments(vae, params, pixels), out_shardings=(where, where))
     encode_pixels = functools.partial(encode, placed)

@@ -166,7 +166,7 @@ class TrainSetup:
         return dict(tree, hyperparameters=self.step_config.hyperparameters.arrays())
 
     def place_frozen(self, params: dict) -> dict:
-        return jax.device_put(self.frozen_params(params), self.frozen_sharding)
+        return sharding.put(self.frozen_params(params), self.frozen_sharding)
 
     @property
     def sampling_scheduler_config(self) -> dict:

@@ -329,6 +329,6 @@ def compile_train_step(config: StepConfig, mesh, state_sharding, frozen_sharding
 def create_state(config: StepConfig, mesh, params, seed: int):
     """Places host params on the mesh by the partition rules and builds the optimizer/EMA state there."""
     abstract, state_sharding = state_shardings(config, mesh, jax.eval_shape(lambda: params), seed)
-    params = jax.device_put(params, state_sharding.params)
+    params = sharding.put(params, state_sharding.params)
     state = jax.jit(lambda p: init_state(config, p, seed), out_shardings=state_sharding, donate_argnums=0)(params)
     return state, state_sharding

@@ -14,7 +14,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from t2i_flax import cached_latents, data, export, hub, model_card, resume, setup, sharding, step
 from t2i_flax.held_out import HeldOutLoss
@@ -178,7 +177,7 @@ def run(config: RunConfig) -> None:
         checkpoints.close()
 
     # ---- export -----------------------------------------------------------------------------
-    trained = multihost_utils.process_allgather(step.exported_params(state), tiled=True)  # also FSDP-sharded
+    trained = sharding.gather_to_host(step.exported_params(state))  # also FSDP-sharded
     if is_main:
         writer = export.PipelineWriter(output_config.output_dir, model_dir, config.model.variant, built.unet,
                                        base.scheduler_config, built.noise_schedule.prediction_type, base.family,

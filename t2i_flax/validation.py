@@ -56,7 +56,7 @@ class Validation:
         noise = sample.initial_noise(seed, batch, self.sampler.latent_shape(batch, *size)[1:])
         decoder = {name: vae_params[name] for name in sample.VAE_DECODER_PARAMS}
         decoder = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype or np.float32), decoder)
-        self.vae_params = jax.device_put(decoder, sharding.tree_shardings(mesh, decoder))
+        self.vae_params = sharding.put(decoder, sharding.tree_shardings(mesh, decoder))
         guidance = settings.validation_guidance_scale > 1.0
         abstract = self.sampler_params(model_params_abstract, _abstract(self.vae_params))
         # Where the program takes each parameter (a host scalar such as LoRA's scale is placed explicitly).

@@ -49,7 +49,7 @@ FILE_SECONDS = {"test_demo.py": 200, "test_train.py": 330, "test_checkpoint.py":
                 "test_aot.py": 220, "test_latent_cache.py": 120, "test_multihost.py": 195, "test_checkpoint_gcs.py": 100,
                 "test_train_lora.py": 140, "test_sdxl.py": 150, "test_step_vs_torch.py": 130, "test_sample.py": 85,
                 "test_cli.py": 40, "test_lora.py": 40, "test_data.py": 35, "test_generate.py": 35, "test_unet.py": 35,
-                "test_clip.py": 30, "test_setup.py": 30,
+                "test_clip.py": 30, "test_setup.py": 55,
                 "test_single_file.py": 20, "test_single_file_train.py": 70,
                 "test_kohya.py": 20, "test_buckets.py": 170, "test_captions.py": 30,
                 "test_optimizers_sharded.py": 150, "test_train_options.py": 40, "test_text_encoder_lora.py": 150,
