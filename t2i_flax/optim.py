@@ -124,9 +124,7 @@ class Hyperparameters:
                                 "max_grad_norm", "ema_decay")
 
     def __post_init__(self):
-        if self.schedule == "polynomial" and not self.learning_rate > POLYNOMIAL_END_LR:
-            raise ValueError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_END_LR}: --learning_rate must be larger")
-        lr_multiplier(self.schedule, 0, self.warmup_steps, self.total_steps, self.learning_rate)  # validates the name
+        self.learning_rate_schedule()  # ValueError for a schedule it cannot build
         if self.name not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
 
