@@ -1,17 +1,43 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 import os
+import shutil
 
 SIMULATED_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SIMULATED_DEVICES_FLAG).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# JAX's persistent compilation cache (on by default in the command lines) goes to a folder of this session,
-# also for the training processes the tests start; the tests never write the user's ~/.cache.
-if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
-    import tempfile
+# JAX's persistent compilation cache (on by default in the command lines), for this session and the training
+# processes the tests start, kept from one session to the next in a folder of its own (not the trainer's): most of
+# the suite's time is XLA compiling the same tiny programs, which a second `make test` (from any clone) reads back.
+# The cache's key is the program, the compiler's version and its flags, so a changed program is compiled again.
+# T2I_FLAX_COMPILATION_CACHE: another folder (an empty one times a cold run).
+TEST_CACHE_LIMIT_BYTES = 2 << 30  # beyond it, the oldest entries go at the start of the next session
 
-    os.environ["T2I_FLAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_jax_cache_")
+
+def suite_compilation_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "t2i_flax", "test_jax_compilation_cache")
+
+
+def trim_compilation_cache(folder: str, limit: int = TEST_CACHE_LIMIT_BYTES) -> None:
+    """Removes the oldest entries (by when they were written) until the folder holds at most half of `limit`, once
+    it holds more than `limit`."""
+    entries = [entry for entry in os.scandir(folder) if entry.is_file()] if os.path.isdir(folder) else []
+    total = sum(entry.stat().st_size for entry in entries)
+    if total <= limit:
+        return
+    for entry in sorted(entries, key=lambda entry: entry.stat().st_mtime):
+        if total <= limit // 2:
+            break
+        total -= entry.stat().st_size
+        os.remove(entry.path)
+
+
+if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["T2I_FLAX_COMPILATION_CACHE"] = suite_compilation_cache_dir()
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # once, in the process that starts the workers
+        trim_compilation_cache(os.environ["T2I_FLAX_COMPILATION_CACHE"])
 # Single-file checkpoints are converted into a folder of this session too (t2i_flax/single_file.py).
 if "T2I_FLAX_SINGLE_FILE_CACHE" not in os.environ:
     import tempfile
@@ -69,12 +95,32 @@ def pytest_collection_modifyitems(session, config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def made_once(tmp_path_factory, name: str, make) -> str:
+    """The folder `make(folder)` fills, made once in a session: with pytest-xdist, by the first worker that needs it,
+    in the session's folder the workers share, while the others wait for it (the tiny pipeline's random weights
+    alone compile for ~25 s). Tests read these folders and never write them."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(str(folder))
+        return str(folder)
+    import filelock
+
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with filelock.FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed left
+            folder.mkdir()
+            make(str(folder))
+            (folder / ".made").touch()
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory):
     """A tiny random SD pipeline in diffusers format, made with our own classes (as `make demo` does)."""
     from t2i_flax.demo import write_tiny_pipeline
 
-    return write_tiny_pipeline(str(tmp_path_factory.mktemp("tiny-sd")), seed=0)
+    return made_once(tmp_path_factory, "tiny-sd", lambda folder: write_tiny_pipeline(folder, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +139,7 @@ def torch_pipeline_dir(tmp_path_factory):
     GroupNorm group (tests/oracle.py)."""
     from oracle import write_torch_pipeline
 
-    return write_torch_pipeline(str(tmp_path_factory.mktemp("torch-sd")))
+    return made_once(tmp_path_factory, "torch-sd", write_torch_pipeline)
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +166,7 @@ def torch_sdxl_pipeline_dir(tmp_path_factory):
     """A tiny SDXL pipeline made with the PyTorch classes (tests/oracle.py)."""
     from oracle import write_torch_sdxl_pipeline
 
-    return write_torch_sdxl_pipeline(str(tmp_path_factory.mktemp("torch-sdxl")))
+    return made_once(tmp_path_factory, "torch-sdxl", write_torch_sdxl_pipeline)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +174,7 @@ def torch_sd2_pipeline_dir(tmp_path_factory):
     """A tiny SD 2.x pipeline made with the PyTorch classes (tests/oracle.py)."""
     from oracle import write_torch_sd2_pipeline
 
-    return write_torch_sd2_pipeline(str(tmp_path_factory.mktemp("torch-sd2")))
+    return made_once(tmp_path_factory, "torch-sd2", write_torch_sd2_pipeline)
 
 
 # (width, height) of the images of `sized_dataset_dir`: landscape, portrait and square, some needing no resize
