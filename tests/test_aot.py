@@ -165,7 +165,8 @@ def test_lora_trains_only_the_adapters_on_the_frozen_unet(pipeline_dir, shapes):
 
 
 def test_a_batch_that_does_not_fit_shows_the_compiler_line_and_exits_3(pipeline_dir):
-    done = run_aot(pipeline_dir, "--train_batch_size", "20000", json_output=False)
+    # --compilation_cache_dir none: compiled every time (nothing kept from an earlier run), the compiler's own line
+    done = run_aot(pipeline_dir, "--train_batch_size", "20000", "--compilation_cache_dir", "none", json_output=False)
     assert done.returncode == 3, done.stderr
     lines = done.stdout.splitlines()
     exhausted = [line for line in lines if "RESOURCE_EXHAUSTED" in line]
@@ -173,6 +174,43 @@ def test_a_batch_that_does_not_fit_shows_the_compiler_line_and_exits_3(pipeline_
     assert "DOES NOT FIT" in exhausted[0]
     assert lines[-1] == "result: DOES NOT FIT on a v3-8"
     assert "batch 20000 per device (160000 global) at 32 px" in done.stdout
+
+
+def test_the_same_flags_again_answer_from_what_was_measured(pipeline_dir, replicated):
+    """aot keeps what it measured of each compiled program in aot_reports/ of the compilation cache folder (the
+    suite's, T2I_FLAX_COMPILATION_CACHE): the replicated run's flags again give the same report without compiling."""
+    done = run_aot(pipeline_dir, "--train_batch_size", str(BATCH))
+    assert done.returncode == 0, done.stderr
+    again = json.loads(done.stdout)
+    assert again["train_step"]["from_cache"]
+    same = lambda result: dict(result, train_step=dict(result["train_step"], from_cache=None))  # noqa: E731
+    assert same(again) == same(replicated)
+    assert os.listdir(os.path.join(os.environ["T2I_FLAX_COMPILATION_CACHE"], "aot_reports"))
+    from t2i_flax.aot import report
+
+    line = f"measured when it compiled in {replicated['train_step']['compile_s']} s (kept in the compilation cache"
+    assert line in report.report_text(again)
+
+
+def test_what_aot_keeps_is_keyed_by_the_program_topology_versions_and_compiler_flags(tmp_path, monkeypatch):
+    from t2i_flax.aot import cache
+
+    kept = cache.MeasureCache(str(tmp_path), "v3:2x2")
+    key = kept.key("module @step {}")
+    assert kept.get(key) is None
+    kept.put(key, {"fits": True, "memory": {"temp_bytes": 7}})
+    assert cache.MeasureCache(str(tmp_path), "v3:2x2").get(key) == {"fits": True, "memory": {"temp_bytes": 7}}
+    assert kept.key("module @step {}") == key
+    assert kept.key("module @step_2 {}") != key
+    assert cache.MeasureCache(str(tmp_path), "v4:2x2x1").key("module @step {}") != key
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_latency_hiding_scheduler=false")
+    assert kept.key("module @step {}") != key
+    # off (--compilation_cache_dir none), or a folder that cannot be written: nothing kept, nothing fails
+    assert cache.MeasureCache(None, "v3:2x2").get(key) is None
+    (tmp_path / "a_file").write_text("")
+    unwritable = cache.MeasureCache(str(tmp_path / "a_file"), "v3:2x2")
+    unwritable.put(key, {"fits": True})
+    assert unwritable.get(key) is None
 
 
 @pytest.mark.parametrize("flags, message", [

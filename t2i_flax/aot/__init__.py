@@ -23,8 +23,11 @@ against the usable HBM per core the compiler reports for the topology (found by 
 program; the documented table USABLE_HBM_GIB if that fails). "from shapes" is the per-core bytes of the
 sharded ShapeDtypeStructs themselves (the compiler's arguments add TPU tile padding).
 
+The same flags again answer without compiling: what was measured of each program is kept in aot_reports/ of the
+trainer's --compilation_cache_dir (cache.py; `none`: compile every time).
+
 The package: topology.py (the TPU topology and its usable HBM), measure.py (the compiled programs' memory),
-report.py (the text report), cli.py (flags, run, main).
+cache.py (what was measured, kept per program), report.py (the text report), cli.py (flags, run, main).
 
 Exit codes: 0 it fits; 3 (EXIT_DOES_NOT_FIT) the train step or the validation sampler does not fit (the
 report shows the compiler's RESOURCE_EXHAUSTED line); 2 a bad flag, model folder or a missing libtpu (one line

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from t2i_flax import cli, errors
-from t2i_flax.aot import measure, report
+from t2i_flax import cli, compile_cache, errors
+from t2i_flax.aot import cache, measure, report
 from t2i_flax.aot.topology import TOPOLOGIES, Topology, resolve_topology, topology_devices, usable_hbm
 
 EXIT_FITS = 0
@@ -70,6 +70,7 @@ def run(own, topology: Topology, config) -> dict:
     if config.devices.cpu_devices or config.devices.multihost:
         progress("note: --cpu_devices and --multihost do not apply: the devices are the topology's")
     built = build_setup(config, devices)
+    kept = measure_cache(config, topology)
     result = {
         "topology": topology.name, "libtpu_topology": topology.libtpu_name, "device_kind": devices[0].device_kind,
         "devices": len(devices), "hosts": len({d.process_index for d in devices}), "hbm_gib": topology.hbm_gib,
@@ -83,13 +84,13 @@ def run(own, topology: Topology, config) -> dict:
     progress(f"compiling the train step for {topology.name} ({len(devices)} x {devices[0].device_kind}, "
              f"batch {config.train.train_batch_size} per device) ...")
     if config.data.aspect_ratio_buckets:
-        result["train_step"], result["buckets"] = bucket_reports(built, config.data.train_sizes(), progress)
+        result["train_step"], result["buckets"] = bucket_reports(built, config.data.train_sizes(), progress, kept)
     else:
-        result["train_step"], result["buckets"] = measure.train_step_report(built), None
+        result["train_step"], result["buckets"] = measure.train_step_report(built, cache=kept), None
     fits = result["train_step"]["fits"]
     if config.validation.validation_prompts:
         progress("compiling the validation sampler ...")
-        validation = measure.validation_report(built)
+        validation = measure.validation_report(built, kept)
         result["validation"] = validation
         fits = fits and validation["fits"] and validation["with_training_bytes"] <= usable
     else:
@@ -98,14 +99,25 @@ def run(own, topology: Topology, config) -> dict:
     return result
 
 
-def bucket_reports(built, sizes, progress) -> tuple[dict, list]:
+def measure_cache(config, topology: Topology) -> cache.MeasureCache:
+    """What was measured before, in the trainer's compilation cache folder (--compilation_cache_dir; `none`: off).
+    A bucket's gs:// folder holds JAX's cache but not aot's: aot keeps nothing there."""
+    directory = config.devices.compilation_cache_dir
+    directory = None if directory == compile_cache.OFF else directory or compile_cache.default_dir()
+    if directory is not None and "://" in directory:
+        directory = None
+    topology_key = json.dumps([topology.libtpu_name, topology.options, _libtpu_version()], sort_keys=True)
+    return cache.MeasureCache(directory, topology_key)
+
+
+def bucket_reports(built, sizes, progress, kept=None) -> tuple[dict, list]:
     """(the report of the bucket that needs the most memory, or of the first that does not fit; every bucket's
     {"width", "height", "fits", "total_bytes"}). aot reads no data, so every bucket of the flags is compiled: a
     run compiles those its images fill."""
     worst, table = None, []
     for index, (width, height) in enumerate(sizes):
         progress(f"  bucket {index + 1} of {len(sizes)}: {width}x{height}")
-        report_of = measure.train_step_report(built, (width, height))
+        report_of = measure.train_step_report(built, (width, height), kept)
         report_of["bucket"] = [width, height]
         total = report_of["memory"]["total_bytes"] if report_of["memory"] else None
         table.append({"width": width, "height": height, "fits": report_of["fits"], "total_bytes": total})

@@ -48,19 +48,31 @@ def _exhausted_lines(error: BaseException) -> list[str]:
     return [first[:500]] + [line[:500] for line in more]
 
 
-def compile_measured(compile_program) -> tuple[dict, object]:
-    """({"fits", "compile_s", "memory" | "error"}, the compiled program or None) of `compile_program()`;
-    RESOURCE_EXHAUSTED at compile time is "does not fit"."""
+def compile_measured(lowered, cache=None) -> dict:
+    """{"fits", "compile_s", "memory" | "error", "flops_per_device", "input_layouts", "from_cache"} of a lowered
+    program, compiled for its devices (RESOURCE_EXHAUSTED at compile time is "does not fit"), or what `cache`
+    (cache.MeasureCache) kept of the same program compiled before."""
+    key = cache.key(lowered.as_text()) if cache is not None else None
+    kept = cache.get(key) if cache is not None else None
+    if kept is not None:
+        return dict(kept, from_cache=True)
+    result = _compile(lowered)
+    if cache is not None:
+        cache.put(key, result)
+    return dict(result, from_cache=False)
+
+
+def _compile(lowered) -> dict:
     import jax
 
     start = time.perf_counter()
     try:
-        compiled = compile_program()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         return {"fits": False, "compile_s": round(time.perf_counter() - start, 1), "memory": None,
-                "error": _exhausted_lines(error)}, None
+                "error": _exhausted_lines(error), "flops_per_device": None, "input_layouts": None}
     result = {"fits": True, "compile_s": round(time.perf_counter() - start, 1), "memory": _memory(compiled),
               "error": None}
     try:
@@ -69,17 +81,35 @@ def compile_measured(compile_program) -> tuple[dict, object]:
         result["flops_per_device"] = float(cost["flops"]) if cost and cost.get("flops") else None
     except Exception:  # noqa: BLE001  (informational only)
         result["flops_per_device"] = None
-    return result, compiled
+    result["input_layouts"] = input_layouts(compiled)
+    return result
+
+
+def input_layouts(compiled) -> list | None:
+    """[[major_to_minor, first tile or None] per argument leaf] of a compiled program; None where the backend
+    has no input layouts."""
+    import jax
+
+    try:
+        formats = jax.tree_util.tree_leaves(compiled.input_formats, is_leaf=lambda x: hasattr(x, "layout"))
+    except Exception:  # noqa: BLE001  (a backend without input layouts)
+        return None
+    layouts = [getattr(each, "layout", None) for each in formats]
+    if any(layout is None for layout in layouts):
+        return None
+    return [[list(layout.major_to_minor), list(layout.tiling[0]) if layout.tiling else None] for layout in layouts]
 
 
 def padded_bytes(leaf, layout) -> int:
-    """Bytes of one device's shard of `leaf` in the compiled `layout`: the dimensions in major-to-minor order,
-    the minor ones rounded up to the layout's (first) tile, e.g. (8, 128) for a float32 matrix on a TPU."""
+    """Bytes of one device's shard of `leaf` in the compiled `layout` ([major_to_minor, first tile]): the
+    dimensions in major-to-minor order, the minor ones rounded up to the tile, e.g. (8, 128) for a float32 matrix
+    on a TPU."""
     import numpy as np
 
+    major_to_minor, tile = layout
     shape = tuple(leaf.sharding.shard_shape(tuple(leaf.shape)))
-    dims = [shape[d] for d in layout.major_to_minor] if shape else [1]
-    tile = tuple(layout.tiling[0]) if layout.tiling else ()
+    dims = [shape[d] for d in major_to_minor] if shape else [1]
+    tile = tuple(tile or ())
     for i in range(1, len(tile) + 1):
         if i <= len(dims):
             dims[-i] = -(-dims[-i] // tile[-i]) * tile[-i]
@@ -88,28 +118,25 @@ def padded_bytes(leaf, layout) -> int:
     return int(np.prod(dims, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
 
 
-def argument_breakdown(compiled, groups: dict) -> dict | None:
-    """{group: per-device bytes in the compiled layouts} for the compiled program's arguments, given as
-    {group: tree} in argument order; None where the layouts cannot be read or do not line up."""
+def argument_breakdown(layouts: list | None, groups: dict) -> dict | None:
+    """{group: per-device bytes in the compiled layouts} for the compiled program's arguments (`layouts`, from
+    input_layouts), given as {group: tree} in argument order; None where the layouts are unknown or do not line
+    up."""
     import jax
 
-    try:
-        formats = jax.tree_util.tree_leaves(compiled.input_formats, is_leaf=lambda x: hasattr(x, "layout"))
-    except Exception:  # noqa: BLE001  (a backend without input layouts)
-        return None
     leaves = [(name, leaf) for name, tree in groups.items() for leaf in jax.tree_util.tree_leaves(tree)]
-    if len(formats) != len(leaves) or any(getattr(f, "layout", None) is None for f in formats):
+    if layouts is None or len(layouts) != len(leaves):
         return None
     breakdown = dict.fromkeys(groups, 0)
-    for (name, leaf), where in zip(leaves, formats):
-        breakdown[name] += padded_bytes(leaf, where.layout)
+    for (name, leaf), layout in zip(leaves, layouts):
+        breakdown[name] += padded_bytes(leaf, layout)
     return breakdown
 
 
-def train_step_report(setup, size: tuple[int, int] | None = None) -> dict:
+def train_step_report(setup, size: tuple[int, int] | None = None, cache=None) -> dict:
     """The train step of a setup.TrainSetup: memory, FLOPs, argument sizes; `size`: the images' (width, height)
-    (an aspect-ratio bucket), default the square batch."""
-    result, compiled = compile_measured(lambda: setup.lower(size).compile())
+    (an aspect-ratio bucket), default the square batch; `cache`: a cache.MeasureCache."""
+    result = compile_measured(setup.lower(size), cache)
     state = setup.state
     batch = setup.batch if size is None else setup.batch_at(size)
     groups = {"params": state.params, "opt_state": state.opt_state, "ema": state.ema_params,
@@ -117,23 +144,21 @@ def train_step_report(setup, size: tuple[int, int] | None = None) -> dict:
     result["shapes"] = {f"{name}_bytes": per_device_bytes(tree) for name, tree in groups.items()}
     result["shapes"]["state_bytes"] = per_device_bytes(state)
     result["shapes"]["argument_bytes"] = sum(per_device_bytes(tree) for tree in groups.values())
-    result["padded"] = None
-    if compiled is not None:
-        # TrainState's leaves come in field order (step, params, opt_state, ema_params, rng): regroup them.
-        ordered = {"step_and_rng": state.step, "params": state.params, "opt_state": state.opt_state,
-                   "ema": state.ema_params, "rng": state.rng, "frozen": setup.frozen, "batch": batch}
-        padded = argument_breakdown(compiled, ordered)
-        if padded is not None:
-            padded["step_and_rng"] += padded.pop("rng")
-            padded = {f"{name}_bytes": value for name, value in padded.items()}
-            padded["argument_bytes"] = sum(padded.values())
-        result["padded"] = padded
+    # TrainState's leaves come in field order (step, params, opt_state, ema_params, rng): regroup them.
+    ordered = {"step_and_rng": state.step, "params": state.params, "opt_state": state.opt_state,
+               "ema": state.ema_params, "rng": state.rng, "frozen": setup.frozen, "batch": batch}
+    padded = argument_breakdown(result.pop("input_layouts"), ordered)
+    if padded is not None:
+        padded["step_and_rng"] += padded.pop("rng")
+        padded = {f"{name}_bytes": value for name, value in padded.items()}
+        padded["argument_bytes"] = sum(padded.values())
+    result["padded"] = padded
     result["trained_params"] = param_count(state.params)
     result["optimizer"] = setup.config.optimizer.optimizer
     return result
 
 
-def validation_report(setup) -> dict:
+def validation_report(setup, cache=None) -> dict:
     """The validation sampler as validation.Validation compiles it (same batch padding, scheduler, params and
     shardings), and its memory with the rest of the training state resident."""
     import jax
@@ -165,10 +190,11 @@ def validation_report(setup) -> dict:
                                      model_params.get("text_encoder_2"))
     guidance = settings.validation_guidance_scale > 1.0
     lengths = [int(each.model_max_length) for each in setup.base.tokenizers]
-    result, _ = compile_measured(lambda: sampler.compile(
+    result = compile_measured(sampler.lower(
         abstract, scheduler, batch, *settings.size(config.data.resolution), guidance, max_length=lengths,
         zero_negative=sampler.zero_negative(guidance, None),
-        guidance_rescale=settings.validation_guidance_rescale > 0))
+        guidance_rescale=settings.validation_guidance_rescale > 0), cache)
+    del result["input_layouts"]
     shared = per_device_bytes([leaf for leaf in jax.tree_util.tree_leaves(model_params)
                                if getattr(leaf, "sharding", None) is not None])
     # While sampling, the training state and frozen models stay on the devices; the sampler's own arguments

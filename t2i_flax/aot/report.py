@@ -30,7 +30,7 @@ def report_text(result: dict) -> str:
         lines += [f"  {b['width']}x{b['height']}: " + (_size(b["total_bytes"]) if b["fits"] else "DOES NOT FIT")
                   for b in result["buckets"]]
         lines.append(f"the bucket that needs the most, {step['bucket'][0]}x{step['bucket'][1]}:")
-    lines.append(f"train step ({step['trained_params']:,} trained parameters), compiled in {step['compile_s']} s:")
+    lines.append(f"train step ({step['trained_params']:,} trained parameters), {_compiled(step)}:")
     for title, sizes in (("arguments in the compiled layouts", step["padded"]),
                          ("arguments from shapes", step["shapes"])):
         if sizes:
@@ -43,7 +43,7 @@ def report_text(result: dict) -> str:
     if validation is not None:
         lines.append(f"validation sampler ({validation['images']} images as a batch of {validation['batch']}, "
                      f"{validation['scheduler']} {validation['steps']} steps, guidance "
-                     f"{'on' if validation['guidance'] else 'off'}), compiled in {validation['compile_s']} s:")
+                     f"{'on' if validation['guidance'] else 'off'}), {_compiled(validation)}:")
         lines += _memory_lines(validation, usable)
         if validation["memory"] is not None:
             total = validation["with_training_bytes"]
@@ -52,6 +52,12 @@ def report_text(result: dict) -> str:
                          f"({_size(validation['resident_bytes'])}): {_size(total)} of {_size(usable)} -> {verdict}")
     lines.append(f"result: {'fits' if result['fits'] else 'DOES NOT FIT'} on a {result['topology']}")
     return "\n".join(lines)
+
+
+def _compiled(part: dict) -> str:
+    if part.get("from_cache"):
+        return f"measured when it compiled in {part['compile_s']} s (kept in the compilation cache folder)"
+    return f"compiled in {part['compile_s']} s"
 
 
 def _memory_lines(part: dict, usable: int) -> list[str]:

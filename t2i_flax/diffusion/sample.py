@@ -196,6 +196,13 @@ class Sampler:
         guidance_scale))` with params placed as the abstract ones say. `max_length`: the token ids' length (one per
         tokenizer for SDXL); `zero_negative`: compiled for no negative prompt (SDXL's zero conditioning);
         `guidance_rescale`: compiled for a guidance rescale > 0 (with guidance)."""
+        return self.lower(abstract_params, scheduler, batch, height, width, guidance, output_type, max_length,
+                          zero_negative, guidance_rescale).compile()
+
+    def lower(self, abstract_params, scheduler: schedulers.Scheduler, batch: int, height: int, width: int,
+              guidance: bool, output_type: str = "np", max_length=None, zero_negative: bool = False,
+              guidance_rescale: bool = False):
+        """The program `compile` compiles, lowered (t2i_flax.aot measures it for a TPU topology)."""
         if batch % self.mesh.size:
             raise errors.FlagError(f"a batch of {batch} images does not split over {self.mesh.size} devices")
         shardings = sharding.tree_shardings(self.mesh, abstract_params)
@@ -216,9 +223,8 @@ class Sampler:
             lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), scheduler)
         scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
         rescale = (scale,) if guidance and guidance_rescale else ()
-        lowered = self.program.lower(params, ids, ids if guidance and not zero_negative else None, noise,
-                                     abstract_scheduler, scale, *rescale, guidance=guidance, output_type=output_type)
-        return lowered.compile()
+        return self.program.lower(params, ids, ids if guidance and not zero_negative else None, noise,
+                                  abstract_scheduler, scale, *rescale, guidance=guidance, output_type=output_type)
 
     # ---- the program -----------------------------------------------------------------------------
     def _apply_unet(self, unet_params, latents_BCHW, timestep, text_embeddings_BLD, **added):
