@@ -234,4 +234,7 @@ def transform_image(image: Image.Image, target, *, center_crop: bool, random_fli
     pixels = np.asarray(image).transpose(2, 0, 1)  # (H, W, 3) uint8 HWC -> CHW view
     if flip:
         pixels = pixels[:, :, ::-1]
-    return _UINT8_TO_UNIT[pixels], (top, left)  # the lookup writes a new C-contiguous float32 (3, H, W)
+    # The lookup's result has its index's memory order: the index is made C-contiguous (CHW) first, so that the
+    # batch is too. A batch that is not goes from a loader worker to the trainer pickled through a pipe instead of
+    # shared memory (grain), and a worker that is stopped with a batch in the full pipe is killed after 25 s.
+    return _UINT8_TO_UNIT[np.ascontiguousarray(pixels)], (top, left)  # a new float32 (3, H, W)
