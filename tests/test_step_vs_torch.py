@@ -39,6 +39,12 @@ MAX_GRAD_NORM = 2.3       # the gradient norms are about 2.8, 2.5, 2.0: steps 1-
 LOSS_RTOL = 5e-6                    # measured <= 1.0e-6
 GRAD_NORM_RTOL = 2e-6               # measured <= 3.3e-7
 GRAD_TOL = 2e-5                     # per tensor, max|ours - torch| / max|torch|: measured <= 5.7e-6
+# ... plus float32's noise in the sums that make a gradient, which scales with the largest gradient, not with the
+# tensor's own: a tensor whose gradient is a few 1e-6 of the largest (the tiny SDXL UNet's first transformer norm
+# biases) is off by up to 2.1e-10 x the largest gradient (measured), 3.8e-5 of its own scale. Which of those
+# tensors crosses 2e-5 of its own scale moves with the reference's summation order (the same pixels in another
+# memory layout: torch's convolutions take another kernel; lanczos instead of bilinear: 2.1e-5).
+GRAD_NOISE_FLOOR = 1e-9             # of the largest gradient, added to GRAD_TOL x the tensor's own scale
 GRAD_GLOBAL_TOL = 5e-6              # over the tree, max|ours - torch| / max|torch|: measured <= 1.4e-6
 PARAM_ATOL = 2e-6                   # updated parameters and EMA: measured <= 4.7e-7
 # Adam's FIRST update of an entry is lr x g / (|g| + eps): where |g| is not far above eps (1e-8), that
@@ -198,8 +204,8 @@ def test_three_steps_equal_diffusers_pytorch_training(torch_pipeline_dir, batch,
 @pytest.fixture(scope="module")
 def sdxl_batch(torch_sdxl_pipeline_dir, sized_dataset_dir):
     """Batches as the SDXL data pipeline makes them: two tokenizers' ids and the time ids of random crops and
-    flips of images of several sizes. Resized with bilinear: the batches the tolerances below were measured on
-    (lanczos' batches give one norm bias of the tiny SDXL UNet a gradient error of 2.06e-5, against 2e-5)."""
+    flips of images of several sizes. Resized with bilinear: the batches the tolerances above were measured on
+    (see GRAD_NOISE_FLOOR)."""
     base_tokenizers = family.STABLE_DIFFUSION_XL.tokenizers(torch_sdxl_pipeline_dir)
     loader = data.build_train_loader(DataConfig(train_data_dir=sized_dataset_dir, resolution=RESOLUTION,
                                                 random_flip=True, image_interpolation_mode="bilinear"),
@@ -243,8 +249,8 @@ def check_steps(got, want, ill_fraction=1e-2, tiny_gradients=False):
             if tiny_gradients and scale <= 1e-6 * largest:
                 continue  # within GRAD_GLOBAL_TOL x largest (above)
             assert scale > 1e-6 * largest, (where, name)  # a real gradient, not float noise
-            error = np.abs(g["grads"][name] - reference_grad).max() / scale
-            assert error <= GRAD_TOL, (where, name, error)
+            error = np.abs(g["grads"][name] - reference_grad).max()
+            assert error <= GRAD_TOL * scale + GRAD_NOISE_FLOOR * largest, (where, name, error / scale)
         first_update = g["before"]["count"] == 0
         ill_conditioned = {name: (np.abs(t) < ILL_CONDITIONED_GRADIENT) & first_update
                            for name, t in w["grads"].items()}
