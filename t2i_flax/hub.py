@@ -14,10 +14,17 @@ WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 LEGACY_WEIGHT_FILES = ("diffusion_flax_model", "flax_model")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
 
 
 class ModelNotFoundError(ModelError):
     """The model reference is neither a folder nor a reachable Hub repo."""
+
+
+def snapshot_commit(path: str) -> str | None:
+    """The Hub commit of a path inside the Hugging Face cache (`.../snapshots/<commit>/...`); None elsewhere."""
+    found = _SNAPSHOT.search(path)
+    return found.group(1) if found else None
 
 
 def _safetensors_patterns(prefix: str, variant: str | None) -> list[str]:

@@ -488,6 +488,16 @@ def _cache_key(path: str, config_dir: str) -> str:
     return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+def source_commit(folder: str) -> str | None:
+    """The Hub commit the single file converted into `folder` was downloaded from (None: a local file, or not a
+    converted folder): a resumed run asks for that commit again, not for what the branch points at by then."""
+    try:
+        with open(os.path.join(folder, "single_file.json")) as handle:
+            return json.load(handle).get("hub_commit")
+    except (OSError, ValueError):
+        return None
+
+
 def to_diffusers_folder(reference: str, config: str | None = None, revision: str | None = None,
                         cache_dir: str | None = None, local_files_only: bool | None = None) -> str:
     """The diffusers folder of a single file (converted once, then read from the cache)."""
@@ -575,7 +585,7 @@ def _ignored(name: str, entry: tuple, layout: Layout, configs: dict) -> bool:
 
 def convert(path: str, header: dict, layout: Layout, configs_dir: str, folder: str, source: str) -> None:
     """Writes the diffusers folder of the single file at `path` into `folder` (tensors in the file's dtype)."""
-    from t2i_flax import weights
+    from t2i_flax import hub, weights
 
     table, family = plan(header, layout, configs_dir, source)
     tensors = weights.read_safetensors(path)
@@ -597,7 +607,7 @@ def convert(path: str, header: dict, layout: Layout, configs_dir: str, folder: s
         write_safetensors(os.path.join(folder, name, weights_name), state)
     with open(os.path.join(folder, "single_file.json"), "w") as handle:  # written last: the folder is complete
         json.dump({"single_file": source, "path": os.path.realpath(path), "kind": layout.kind,
-                   "config": os.path.realpath(configs_dir)}, handle, indent=2)
+                   "config": os.path.realpath(configs_dir), "hub_commit": hub.snapshot_commit(path)}, handle, indent=2)
 
 
 # ---- out: a diffusers folder -> a single file ------------------------------------------------------------------

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from typing import Callable
 
@@ -24,8 +23,6 @@ from t2i_flax.family import force_zeros_for_empty_prompt
 from t2i_flax.interrupt import StopRequest
 from t2i_flax.metrics import MetricsWriter, log, logged_values
 from t2i_flax.validation import Validation
-
-_HUB_SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
 
 
 def run(config: RunConfig) -> None:
@@ -252,9 +249,11 @@ def resolve_model_dir(config: RunConfig, saved_record: dict | None) -> str:
 
 
 def model_commit(model_dir: str) -> str | None:
-    """The Hub commit a downloaded model folder is a snapshot of (None for a local folder)."""
-    found = _HUB_SNAPSHOT.search(model_dir)
-    return found.group(1) if found else None
+    """The Hub commit a downloaded model folder is a snapshot of, or that a Hub single file (converted into a folder
+    of the single-file cache) was downloaded from; None for a local folder or file."""
+    from t2i_flax import single_file
+
+    return hub.snapshot_commit(model_dir) or single_file.source_commit(model_dir)
 
 
 def train_sizes(loader) -> list[tuple[int, int]]:

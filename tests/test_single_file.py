@@ -5,6 +5,7 @@ must have (diffusers cannot write one); what diffusers is lenient about (4-D VAE
 sits, OpenCLIP keys) is checked by name."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -249,7 +250,7 @@ def test_a_hub_file_with_the_default_configs_from_the_offline_cache(folders, fil
     configs-only snapshot, both from a prepared cache with HF_HUB_OFFLINE=1."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = str(tmp_path / "hub")
-    make_offline_cache(cache, "someone/tiny-checkpoints", {"models/tiny-sd1.safetensors": files["sd1"]})
+    snapshot = make_offline_cache(cache, "someone/tiny-checkpoints", {"models/tiny-sd1.safetensors": files["sd1"]})
     config_files = {}
     for root, _, names in os.walk(folders["sd1"]):
         for name in names:
@@ -275,6 +276,22 @@ def test_a_hub_file_with_the_default_configs_from_the_offline_cache(folders, fil
         hub.resolve_model_dir("someone/tiny-checkpoints/models/other.safetensors", cache_dir=cache)
     with pytest.raises(hub.ModelNotFoundError, match="could not get the configs of someone/absent"):
         hub.resolve_model_dir(files["sd1"], cache_dir=cache, single_file_config="someone/absent")
+
+    # The run records the commit the file came from (train.model_commit); a resume asks for that commit, and gets the
+    # same file and folder after the branch has moved on to another commit's file.
+    from t2i_flax import train
+
+    reference = "someone/tiny-checkpoints/models/tiny-sd1.safetensors"
+    commit = os.path.basename(snapshot)
+    assert train.model_commit(model_dir) == commit and train.model_commit(files["sd1"]) is None
+    newer = "f" * 40
+    os.makedirs(os.path.join(os.path.dirname(snapshot), newer, "models"))
+    shutil.copy(files["sd1"], os.path.join(os.path.dirname(snapshot), newer, "models", "tiny-sd1.safetensors"))
+    with open(os.path.join(os.path.dirname(os.path.dirname(snapshot)), "refs", "main"), "w") as handle:
+        handle.write(newer)
+    moved_on = hub.resolve_model_dir(reference, cache_dir=cache)
+    assert moved_on != model_dir and train.model_commit(moved_on) == newer
+    assert hub.resolve_model_dir(reference, revision=commit, cache_dir=cache) == model_dir
 
 
 def rewritten(path, out, change):
