@@ -38,11 +38,19 @@ if "T2I_FLAX_COMPILATION_CACHE" not in os.environ:
     os.environ["T2I_FLAX_COMPILATION_CACHE"] = suite_compilation_cache_dir()
     if "PYTEST_XDIST_WORKER" not in os.environ:  # once, in the process that starts the workers
         trim_compilation_cache(os.environ["T2I_FLAX_COMPILATION_CACHE"])
-# Single-file checkpoints are converted into a folder of this session too (t2i_flax/single_file.py).
+# Single-file checkpoints are converted into a folder of this session too (t2i_flax/single_file.py), removed at
+# its end by the process that made it (the one that starts the workers).
+SESSION_SINGLE_FILE_CACHE = None
 if "T2I_FLAX_SINGLE_FILE_CACHE" not in os.environ:
     import tempfile
 
     os.environ["T2I_FLAX_SINGLE_FILE_CACHE"] = tempfile.mkdtemp(prefix="t2i_flax_single_file_")
+    SESSION_SINGLE_FILE_CACHE = os.environ["T2I_FLAX_SINGLE_FILE_CACHE"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_SINGLE_FILE_CACHE is not None and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(SESSION_SINGLE_FILE_CACHE, ignore_errors=True)
 
 
 import pytest  # noqa: E402
